@@ -1,0 +1,214 @@
+"""The BLIP3-o backbone: a Qwen2.5-VL style multimodal LM plus the learnable image-query embeddings.
+
+Exported methods (contract section 2): condition, embed, encode_image, new_cache, prefill, decode.
+Module names follow the Hugging Face Qwen2.5-VL checkpoints (minus their `model.` prefixes), so loading
+real weights is a walk over the state dict.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .layers import RMSNorm, SwiGLU, apply_rope, attention, repeat_kv, rope_1d, rope_2d
+from .presets import CLIP_MEAN, CLIP_STD, BackboneConfig, VisionConfig
+
+
+class SelfAttention(nn.Module):
+    """Qwen2 attention: grouped-query heads, biases on q/k/v (not on the output), RoPE on q and k."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim)
+        self.k_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim)
+        self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim)
+        self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
+                cache: Optional[Tensor], position: Optional[Tensor]) -> Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # cache: this layer's [2, B, kvHeads, max_len, headDim], written in place
+            if position is None:  # prefill: the prompt occupies positions 0..L-1
+                cache[0].narrow(2, 0, L).copy_(k)
+                cache[1].narrow(2, 0, L).copy_(v)
+            else:  # decode: write one step, then attend over the whole static cache (mask hides the rest)
+                cache[0].index_copy_(2, position, k)
+                cache[1].index_copy_(2, position, v)
+                k, v = cache[0], cache[1]
+        groups = self.heads // self.kv_heads
+        y = attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.eps)
+        self.self_attn = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.eps)
+        self.mlp = SwiGLU(cfg.hidden, cfg.ffn)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
+                cache: Optional[Tensor], position: Optional[Tensor]) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, position)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.width // cfg.heads
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor]) -> Tensor:
+        N = x.shape[0]
+        q, k, v = self.qkv(x).view(N, 3, self.heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attention(q[None], k[None], v[None], mask)[0]  # [heads, N, d]
+        return self.proj(y.transpose(0, 1).reshape(N, -1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig, windowed: bool):
+        super().__init__()
+        self.windowed = windowed
+        self.norm1 = RMSNorm(cfg.width, cfg.eps)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = RMSNorm(cfg.width, cfg.eps)
+        self.mlp = SwiGLU(cfg.width, cfg.ffn, bias=True)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, window_mask: Optional[Tensor]) -> Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, window_mask if self.windowed else None)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """RMSNorm, then each 2x2 group of patches (consecutive rows) -> MLP -> one LM token."""
+
+    def __init__(self, cfg: VisionConfig, out_dim: int):
+        super().__init__()
+        self.group = cfg.merge * cfg.merge
+        self.ln_q = RMSNorm(cfg.width, cfg.eps)
+        self.mlp = nn.Sequential(nn.Linear(cfg.width * self.group, cfg.width * self.group), nn.GELU(),
+                                 nn.Linear(cfg.width * self.group, out_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.ln_q(x).view(x.shape[0] // self.group, -1))
+
+
+class VisionTower(nn.Module):
+    """Qwen2.5-VL ViT for one image. Its Conv3d patch embedding over two identical frames equals this
+    Conv2d with the two temporal kernel slices summed."""
+
+    def __init__(self, cfg: VisionConfig, out_dim: int):
+        super().__init__()
+        self.patch, self.merge, self.window = cfg.patch, cfg.merge, cfg.window
+        self.head_dim, self.rope_theta = cfg.width // cfg.heads, cfg.rope_theta
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch, stride=cfg.patch, bias=False)
+        self.blocks = nn.ModuleList([VisionBlock(cfg, cfg.window > 0 and i not in cfg.full_attention_layers)
+                                     for i in range(cfg.layers)])
+        self.merger = PatchMerger(cfg, out_dim)
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1))
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        x = (pixels.float() - self.pixel_mean.float()) / self.pixel_std.float()
+        x = self.patch_embed(x.to(self.patch_embed.weight.dtype))  # [1, D, gh, gw]
+        D, gh, gw = x.shape[1], x.shape[2], x.shape[3]
+        m = self.merge
+        # order the patches merge-group by merge-group (row-major groups, row-major inside a group), so
+        # that the merger can take 4 consecutive rows and its output is row-major over merged tokens
+        x = x.view(D, gh // m, m, gw // m, m).permute(1, 3, 2, 4, 0).reshape(gh * gw, D)
+        idx = torch.arange(gh * gw, device=x.device).view(gh // m, gw // m, m, m)
+        group_row = torch.arange(gh // m, device=x.device).view(-1, 1, 1, 1)
+        group_col = torch.arange(gw // m, device=x.device).view(1, -1, 1, 1)
+        rows = (group_row * m + torch.arange(m, device=x.device).view(1, 1, -1, 1)).expand_as(idx).reshape(-1)
+        cols = (group_col * m + torch.arange(m, device=x.device).view(1, 1, 1, -1)).expand_as(idx).reshape(-1)
+        cos, sin = rope_2d(rows, cols, self.head_dim, self.rope_theta)
+        window_mask: Optional[Tensor] = None
+        if self.window > 0:  # windows of window x window merged tokens, counted from the top left
+            w = self.window * m
+            win = (rows // w) * ((gw + w - 1) // w) + cols // w
+            window_mask = win[:, None] == win[None, :]
+        for block in self.blocks:
+            x = block(x, cos, sin, window_mask)
+        return self.merger(x)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: BackboneConfig, vision: VisionConfig):
+        super().__init__()
+        self.layer_count, self.kv_heads, self.head_dim = cfg.layers, cfg.kv_heads, cfg.head_dim
+        self.query_tokens, self.rope_theta = cfg.query_tokens, cfg.rope_theta
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.layers)])
+        self.norm = RMSNorm(cfg.hidden, cfg.eps)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        if cfg.tied:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.visual = VisionTower(vision, cfg.hidden)
+        # BLIP3-o's 64 learnable queries: appended after the prompt, their last hidden states condition the DiT
+        self.queries = nn.Parameter(torch.randn(cfg.query_tokens, cfg.hidden) * 0.02)
+
+    def _run(self, x: Tensor, positions: Tensor, mask: Optional[Tensor],
+             cache: Optional[Tensor], position: Optional[Tensor]) -> Tensor:
+        # Qwen2.5-VL uses M-RoPE (separate temporal/row/col position ids for image tokens); this runtime
+        # gives every token, image or text, a plain 1-D position, which is what M-RoPE reduces to for text.
+        cos, sin = rope_1d(positions, self.head_dim, self.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if cache is None else cache[i], position)
+        return self.norm(x)
+
+    def _causal(self, L: int, device: torch.device) -> Tensor:
+        return torch.ones(L, L, dtype=torch.bool, device=device).tril()
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Float32 logits [B, L, V] of a whole sequence, no cache (reference for prefill/decode)."""
+        L = input_ids.shape[1]
+        positions = torch.arange(L, device=input_ids.device)
+        h = self._run(self.embed_tokens(input_ids), positions, self._causal(L, input_ids.device), None, None)
+        return self.lm_head(h).float()
+
+    @torch.jit.export
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.embed_tokens(input_ids)
+
+    @torch.jit.export
+    def condition(self, input_ids: Tensor) -> Tensor:
+        """[B, L] ids (ending in [IMG]) -> [B, Q, H]: last-layer, final-normed states of the queries."""
+        B = input_ids.shape[0]
+        x = torch.cat([self.embed_tokens(input_ids), self.queries.unsqueeze(0).expand(B, -1, -1)], 1)
+        L = x.shape[1]
+        h = self._run(x, torch.arange(L, device=x.device), self._causal(L, x.device), None, None)
+        return h[:, L - self.query_tokens:]
+
+    @torch.jit.export
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        return self.visual(pixels)
+
+    @torch.jit.export
+    def new_cache(self, batch: int, max_len: int) -> Tensor:
+        w = self.embed_tokens.weight
+        return torch.zeros([self.layer_count, 2, batch, self.kv_heads, max_len, self.head_dim],
+                           dtype=w.dtype, device=w.device)
+
+    @torch.jit.export
+    def prefill(self, embeds: Tensor, cache: Tensor) -> Tensor:
+        L = embeds.shape[1]
+        positions = torch.arange(L, device=embeds.device)
+        h = self._run(embeds, positions, self._causal(L, embeds.device), cache, None)
+        return self.lm_head(h[:, -1]).float()
+
+    @torch.jit.export
+    def decode(self, input_ids: Tensor, position: Tensor, cache: Tensor) -> Tensor:
+        # shapes never depend on the value of `position`, so one captured CUDA graph serves every step
+        keys = torch.arange(cache.shape[4], device=cache.device)
+        mask = (keys <= position).view(1, 1, 1, -1)
+        h = self._run(self.embed_tokens(input_ids), position, mask, cache, position)
+        return self.lm_head(h[:, -1]).float()

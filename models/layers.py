@@ -1,0 +1,114 @@
+"""Pieces shared by the BLIP3-o components: norms, rotary embeddings, attention, MLPs, timestep embeddings.
+
+Everything here must compile with torch.jit.script on torch 1.13 (Debian) and on torch 2.x (the GPU box).
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# Chosen once, when this file is imported by the exporting torch: 2.x has fused attention kernels
+# (flash / memory-efficient), 1.13 does not. Defining one of two functions (instead of branching inside
+# one) keeps the unused branch out of the TorchScript compiler, which would reject the missing op.
+HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
+
+if HAS_SDPA:
+    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """q [B,h,L,d], k/v [B,h,S,d], mask bool broadcastable to [B,h,L,S] (True = attend)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+else:
+    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """q [B,h,L,d], k/v [B,h,S,d], mask bool broadcastable to [B,h,L,S] (True = attend)."""
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        # softmax in float32: bf16/fp16 scores lose too much precision in the exponent sum
+        return torch.matmul(scores.float().softmax(-1).to(v.dtype), v)
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """[B, kvHeads, S, d] -> [B, kvHeads*groups, S, d] for grouped-query attention."""
+    if groups == 1:
+        return x
+    B, H, S, D = x.shape
+    return x[:, :, None].expand(B, H, groups, S, D).reshape(B, H * groups, S, D)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in float32 (as Qwen2 and Lumina do), scale in the weight's dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the FFN of Qwen2, the Qwen2.5-VL vision tower and Lumina-Next
+    (Lumina's linear_1 / linear_3 / linear_2 are gate / up / down)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_1d(positions: Tensor, dim: int, theta: float) -> Tuple[Tensor, Tensor]:
+    """cos, sin [N, dim] (float32) for integer positions [N], rotate-half layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], -1)
+    return emb.cos(), emb.sin()
+
+
+def rope_2d(rows: Tensor, cols: Tensor, dim: int, theta: float) -> Tuple[Tensor, Tensor]:
+    """cos, sin [N, dim] for 2-D positions: half of the rotated pairs turn with the row, half with the
+    column (Qwen2.5-VL vision tower, Lumina-Next). Lumina pairs adjacent channels (complex numbers) where
+    we pair channel i with i + dim/2; the two differ by a fixed permutation of q/k channels, which a
+    weight loader applies to the q/k projections, so the attention scores are identical."""
+    half = dim // 2
+    inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, device=rows.device, dtype=torch.float32) / half)
+    freqs = torch.cat([rows.float()[:, None] * inv_freq[None, :], cols.float()[:, None] * inv_freq[None, :]], -1)
+    emb = torch.cat([freqs, freqs], -1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [..., N, dim] rotated by cos/sin [N, dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool = True, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding [N, dim] (float32) of (possibly fractional) timesteps [N] (DDPM / diffusers
+    `Timesteps` with downscale_freq_shift 0; flip puts cos first, as SDXL and Lumina-Next do)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None, :]
+    if flip_sin_to_cos:
+        return torch.cat([args.cos(), args.sin()], -1)
+    return torch.cat([args.sin(), args.cos()], -1)
+
+
+class TimestepMLP(nn.Module):
+    """Linear - SiLU - Linear on a sinusoidal embedding (diffusers `TimestepEmbedding`)."""
+
+    def __init__(self, dim_in: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))

@@ -1,0 +1,174 @@
+"""Every dimension of every component, by name. Presets: `tiny` (random, CPU-fast, bundled), `4b`, `8b`
+(the real BLIP3-o sizes, see shared/BLIP3O.md)."""
+from dataclasses import asdict, dataclass, replace
+from typing import Optional, Tuple
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Prompt templates (manifest.json `templates`). Generation leaves the assistant turn open and ends in
+# [IMG], as BLIP3-o's inference does; the queries are appended natively.
+TEMPLATES = {
+    "generation": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                  "Please generate image based on the following caption: {prompt}<|im_end|>\n"
+                  "<|im_start|>assistant\n[IMG]",
+    "understanding": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                     "<|vision_start|>{image}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n",
+    "negative": " ",
+    "defaultQuestion": "Describe this image.",
+}
+
+
+@dataclass
+class BackboneConfig:  # Qwen2.5 language model + the learnable query tokens
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    context: int
+    tied: bool
+    query_tokens: int = 64
+    rope_theta: float = 1e6
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclass
+class VisionConfig:  # Qwen2.5-VL vision tower
+    width: int
+    layers: int
+    heads: int
+    ffn: int
+    patch: int = 14
+    merge: int = 2
+    window: int = 0  # window attention side in merged tokens (0 = every layer attends globally)
+    full_attention_layers: Tuple[int, ...] = ()  # layers that attend globally when window > 0
+    min_pixels: int = 256 * 28 * 28
+    max_pixels: int = 1605632
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+
+
+@dataclass
+class DitConfig:  # Lumina-Next DiT with cross-attention (BLIP3-o NextDiTCrossAttn)
+    channels: int  # CLIP feature width: in = out channels
+    grid: int  # tokens lie on a grid x grid square, patch 1
+    width: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    caption_dim: int  # = backbone hidden
+    eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    @property
+    def tokens(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class UnetConfig:  # SDXL-style UNet decoder, conditioned on CLIP features
+    channels: Tuple[int, ...]
+    layers_per_block: int
+    transformer_depth: Tuple[int, ...]  # per level, 0 = no attention at that level
+    head_dim: int
+    cross_dim: int  # = CLIP width
+    latent_channels: int
+    image_size: Tuple[int, int]  # (height, width): the added time ids (orig size, crop 0 0, target size)
+    groups: int = 32
+    time_id_dim: int = 256
+
+
+@dataclass
+class VaeConfig:  # SDXL AutoencoderKL
+    channels: Tuple[int, ...]  # spatial factor = 2 ** (len(channels) - 1)
+    layers_per_block: int
+    latent_channels: int
+    groups: int = 32
+    scaling_factor: float = 0.13025
+
+
+@dataclass
+class Preset:
+    name: str
+    image: Tuple[int, int]  # (height, width) of generated images
+    backbone: BackboneConfig
+    vision: VisionConfig
+    dit: DitConfig
+    unet: UnetConfig
+    vae: VaeConfig
+
+    @property
+    def latent(self) -> Tuple[int, int, int]:
+        factor = 2 ** (len(self.vae.channels) - 1)
+        return (self.vae.latent_channels, self.image[0] // factor, self.image[1] // factor)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _tiny() -> Preset:
+    backbone = BackboneConfig(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, context=256, tied=True)
+    return Preset(
+        name="tiny", image=(64, 64), backbone=backbone,
+        vision=VisionConfig(width=32, layers=2, heads=2, ffn=64, patch=8, merge=2,
+                            min_pixels=64 * 64, max_pixels=128 * 128),
+        dit=DitConfig(channels=32, grid=8, width=64, layers=2, heads=4, kv_heads=4, head_dim=16, ffn=128,
+                      caption_dim=backbone.hidden),
+        unet=UnetConfig(channels=(16, 32), layers_per_block=1, transformer_depth=(0, 1), head_dim=16,
+                        cross_dim=32, latent_channels=4, image_size=(64, 64), groups=8, time_id_dim=16),
+        vae=VaeConfig(channels=(16, 16, 32), layers_per_block=1, latent_channels=4, groups=8))
+
+
+def _real(name: str, backbone: BackboneConfig) -> Preset:
+    return Preset(
+        name=name, image=(1024, 1024), backbone=backbone,
+        # Qwen2.5-VL vision: windows of 112 px = 4x4 merged tokens, global attention every 8th layer
+        vision=VisionConfig(width=1280, layers=32, heads=16, ffn=3420, patch=14, merge=2, window=4,
+                            full_attention_layers=(7, 15, 23, 31)),
+        dit=DitConfig(channels=1792, grid=8, width=1792, layers=24, heads=28, kv_heads=28, head_dim=64,
+                      ffn=4864, caption_dim=backbone.hidden),
+        unet=UnetConfig(channels=(320, 640, 1280), layers_per_block=2, transformer_depth=(0, 2, 10), head_dim=64,
+                        cross_dim=1792, latent_channels=4, image_size=(1024, 1024)),
+        vae=VaeConfig(channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4))
+
+
+# 4b / 8b context: a practical cap on prompt + generated tokens (the checkpoints allow 128000)
+PRESETS = {
+    "tiny": _tiny,
+    "4b": lambda: _real("4b", BackboneConfig(vocab=151936, hidden=2048, layers=36, heads=16, kv_heads=2,
+                                             ffn=11008, context=32768, tied=True)),
+    "8b": lambda: _real("8b", BackboneConfig(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4,
+                                             ffn=18944, context=32768, tied=False)),
+}
+
+
+def get_preset(name: str, backbone_layers: Optional[int] = None, vision_layers: Optional[int] = None,
+               dit_layers: Optional[int] = None, unet_depth: Optional[Tuple[int, ...]] = None,
+               unet_layers_per_block: Optional[int] = None) -> Preset:
+    """A preset with optional smaller layer counts (tests, quick timing); widths always stay real."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    p = PRESETS[name]()
+    if backbone_layers is not None:
+        p.backbone = replace(p.backbone, layers=backbone_layers)
+    if vision_layers is not None:
+        # keep some global-attention layer: the ones that still exist, else the last one
+        full = tuple(i for i in p.vision.full_attention_layers if i < vision_layers)
+        if p.vision.window and not full:
+            full = (vision_layers - 1,)
+        p.vision = replace(p.vision, layers=vision_layers, full_attention_layers=full)
+    if dit_layers is not None:
+        p.dit = replace(p.dit, layers=dit_layers)
+    if unet_depth is not None:
+        p.unet = replace(p.unet, transformer_depth=tuple(unet_depth))
+    if unet_layers_per_block is not None:
+        p.unet = replace(p.unet, layers_per_block=unet_layers_per_block)
+    return p
