@@ -1,0 +1,80 @@
+// Types of a bundle's manifest.json (contract section 1). The native loader validates every field
+// before a model exists; TypeScript reads the validated text it hands back.
+
+import { BundleError } from './errors';
+import type { BetaSchedule, TimestepSpacing } from './schedules';
+
+export interface BundleFileEntry {
+  path: string;
+  sha256: string;
+}
+
+export interface BundleManifest {
+  format: 'blip3o-bundle';
+  formatVersion: 1;
+  name: string;
+  preset: string;
+  dtype: 'float32' | 'bfloat16' | 'float16';
+  files: {
+    backbone: BundleFileEntry;
+    dit: BundleFileEntry;
+    decoder: BundleFileEntry;
+    vae: BundleFileEntry;
+    tokenizer: BundleFileEntry;
+    tokenizerConfig: BundleFileEntry;
+  };
+  image: { width: number; height: number };
+  backbone: {
+    hidden: number;
+    layers: number;
+    heads: number;
+    kvHeads: number;
+    headDim: number;
+    vocab: number;
+    context: number;
+    queryTokens: number;
+  };
+  vision: {
+    patch: number;
+    merge: number;
+    minPixels: number;
+    maxPixels: number;
+    mean: [number, number, number];
+    std: [number, number, number];
+  };
+  clip: { tokens: number; width: number };
+  latent: { channels: number; height: number; width: number };
+  vae: { scalingFactor: number };
+  tokens: { img: number; imagePad: number; stop: number[] };
+  templates: {
+    generation: string;
+    understanding: string;
+    negative: string;
+    defaultQuestion: string;
+  };
+  sampler: {
+    dit: { steps: number; cfg: number; shift: number };
+    decoder: {
+      steps: number;
+      cfg: number;
+      numTrainTimesteps: number;
+      betaStart: number;
+      betaEnd: number;
+      betaSchedule: BetaSchedule;
+      timestepSpacing: TimestepSpacing;
+      stepsOffset: number;
+      predictionType: 'epsilon' | 'sample' | 'v_prediction';
+    };
+    negativeSeed: number;
+  };
+  architecture?: Record<string, unknown>;
+}
+
+/** Parses the manifest text the native loader validated. */
+export function parseManifest(text: string, bundleDir: string): BundleManifest {
+  try {
+    return JSON.parse(text) as BundleManifest;
+  } catch (err) {
+    throw new BundleError(`${bundleDir}/manifest.json: not valid JSON (${(err as Error).message})`, { cause: err });
+  }
+}
