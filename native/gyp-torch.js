@@ -1,0 +1,65 @@
+#!/usr/bin/env node
+// Compiler and linker flags for libtorch, for binding.gyp (node-gyp has no find_package).
+// Usage: node native/gyp-torch.js include|cflags|libs|ldflags
+// The libtorch is Debian's (libtorch-dev) unless BLIP3O_LIBTORCH names another one: its root, its
+// share/cmake dir (a torch wheel's torch.utils.cmake_prefix_path) or its share/cmake/Torch dir.
+'use strict';
+const fs = require('fs');
+const path = require('path');
+
+function torchRoot() {
+  const given = process.env.BLIP3O_LIBTORCH;
+  if (!given) return null;
+  let dir = path.resolve(given);
+  if (fs.existsSync(path.join(dir, 'TorchConfig.cmake'))) dir = path.resolve(dir, '../../..');
+  else if (fs.existsSync(path.join(dir, 'Torch', 'TorchConfig.cmake'))) dir = path.resolve(dir, '../..');
+  if (!fs.existsSync(path.join(dir, 'include', 'torch'))) {
+    throw new Error(`BLIP3O_LIBTORCH=${given}: no libtorch found there (expected include/torch under ${dir})`);
+  }
+  return dir;
+}
+
+function locate() {
+  const root = torchRoot();
+  if (root) {
+    return { include: [path.join(root, 'include'), path.join(root, 'include/torch/csrc/api/include')],
+             lib: path.join(root, 'lib'), cmake: path.join(root, 'share/cmake/Torch/TorchConfig.cmake') };
+  }
+  const libDirs = ['/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib'];
+  const lib = libDirs.find((d) => fs.existsSync(path.join(d, 'libtorch.so')));
+  if (!lib) throw new Error('libtorch not found: apt-get install libtorch-dev, or set BLIP3O_LIBTORCH');
+  // /usr/include is searched anyway; naming it with -I would break libstdc++'s #include_next.
+  return { include: ['/usr/include/torch/csrc/api/include'], lib,
+           cmake: path.join(lib, 'cmake/Torch/TorchConfig.cmake') };
+}
+
+// Match the libstdc++ ABI that libtorch was built with (old torch wheels used the pre-C++11 one).
+function abiFlag(cmake) {
+  const text = fs.existsSync(cmake) ? fs.readFileSync(cmake, 'utf8') : '';
+  const m = /_GLIBCXX_USE_CXX11_ABI=([01])/.exec(text);
+  return `-D_GLIBCXX_USE_CXX11_ABI=${m ? m[1] : 1}`;
+}
+
+let t;
+try {
+  t = locate();
+} catch (e) {
+  console.error(`blip3o: ${e.message}`);
+  process.exit(1);
+}
+const has = (name) => fs.existsSync(path.join(t.lib, `lib${name}.so`));
+const out = {
+  include: t.include,
+  cflags: [abiFlag(t.cmake)],
+  // torch_cuda registers CUDA with ATen from static initialisers: keep it even though nothing
+  // references it directly.
+  libs: ['-ltorch', '-ltorch_cpu', '-lc10',
+         ...(has('torch_cuda') ? ['-Wl,--no-as-needed', '-ltorch_cuda', '-lc10_cuda', '-Wl,--as-needed'] : [])],
+  ldflags: [`-L${t.lib}`, `-Wl,-rpath,${t.lib}`],
+};
+const what = process.argv[2];
+if (!out[what]) {
+  console.error('usage: node native/gyp-torch.js include|cflags|libs|ldflags');
+  process.exit(2);
+}
+console.log(out[what].join(' '));
