@@ -8,6 +8,7 @@ import path from 'node:path';
 import sharp from 'sharp';
 import { InvalidArgumentError } from './errors';
 import type { ImageFormat } from './options';
+import { roundHalfEven } from './numeric';
 
 /** An image given to describe: encoded bytes (PNG, JPEG, WebP, ...) or a file path. */
 export type ImageInput = Buffer | Uint8Array | string;
@@ -30,14 +31,6 @@ export interface VisionPixels {
   tokens: number;
 }
 
-/** Python's round(): half to even. */
-function roundHalfEven(x: number): number {
-  const floor = Math.floor(x);
-  const diff = x - floor;
-  if (diff < 0.5) return floor;
-  if (diff > 0.5) return floor + 1;
-  return floor % 2 === 0 ? floor : floor + 1;
-}
 
 /**
  * Qwen2-VL's smart_resize: both sides multiples of `factor`, the area within

@@ -2,7 +2,7 @@
 // before a model exists; TypeScript reads the validated text it hands back.
 
 import { BundleError } from './errors';
-import type { BetaSchedule, TimestepSpacing } from './schedules';
+import type { EulerDiscreteConfig } from './schedules';
 
 export interface BundleFileEntry {
   path: string;
@@ -54,15 +54,9 @@ export interface BundleManifest {
   };
   sampler: {
     dit: { steps: number; cfg: number; shift: number };
-    decoder: {
+    decoder: EulerDiscreteConfig & {
       steps: number;
       cfg: number;
-      numTrainTimesteps: number;
-      betaStart: number;
-      betaEnd: number;
-      betaSchedule: BetaSchedule;
-      timestepSpacing: TimestepSpacing;
-      stepsOffset: number;
       predictionType: 'epsilon' | 'sample' | 'v_prediction';
     };
     negativeSeed: number;

@@ -5,6 +5,7 @@
 // diffusers returns float32 tensors, so the outputs here are float32 values too (Math.fround).
 
 import { InvalidArgumentError } from './errors';
+import { roundHalfEven } from './numeric';
 
 export interface FlowMatchSchedule {
   /** steps + 1 sigmas, from 1 down, ending with 0. */
@@ -62,14 +63,6 @@ export function linspace(start: number, stop: number, num: number): number[] {
   return out;
 }
 
-/** numpy.round: round half to even. */
-function roundHalfEven(x: number): number {
-  const floor = Math.floor(x);
-  const diff = x - floor;
-  if (diff < 0.5) return floor;
-  if (diff > 0.5) return floor + 1;
-  return floor % 2 === 0 ? floor : floor + 1;
-}
 
 /** numpy.interp(x, [0, 1, ..., fp.length - 1], fp) for x inside the range. */
 function interpAtIndex(x: number, fp: readonly number[]): number {

@@ -77,6 +77,14 @@ void validateFor(const char* method, const Manifest& manifest, const Req& req) {
   }
 }
 
+DitSampling readDit(const Args& a) {
+  DitSampling dit;
+  dit.sigmas = a.numbers("ditSigmas");
+  dit.timesteps = a.numbers("ditTimesteps");
+  dit.cfg = a.number("ditCfg");
+  return dit;
+}
+
 Napi::Value optionalCallback(const Napi::CallbackInfo& info, size_t index, const char* what) {
   Napi::Value v = info[index];
   if (!v.IsUndefined() && !v.IsNull() && !v.IsFunction())
@@ -138,9 +146,7 @@ Napi::Value NativeModel::prepareNegative(const Napi::CallbackInfo& info) {
     auto req = std::make_shared<NegativeRequest>();
     req->ids = a.integers("ids", 0, kMaxSafeInt);
     req->seed = a.seed("seed");
-    req->ditSigmas = a.numbers("ditSigmas");
-    req->ditTimesteps = a.numbers("ditTimesteps");
-    req->ditCfg = a.number("ditCfg");
+    req->dit = readDit(a);
     validateFor("prepareNegative", model.manifest(), *req);
     return startJob<Nothing>(
         env, "blip3o.prepareNegative", env.Undefined(),
@@ -160,9 +166,7 @@ Napi::Value NativeModel::generate(const Napi::CallbackInfo& info) {
     auto req = std::make_shared<GenerateRequest>();
     req->prompts = a.integerLists("prompts", 0, kMaxSafeInt);
     req->seeds = a.seeds("seeds");
-    req->ditSigmas = a.numbers("ditSigmas");
-    req->ditTimesteps = a.numbers("ditTimesteps");
-    req->ditCfg = a.number("ditCfg");
+    req->dit = readDit(a);
     req->decoderSigmas = a.numbers("decoderSigmas");
     req->decoderTimesteps = a.numbers("decoderTimesteps");
     req->decoderInitSigma = a.number("decoderInitSigma");

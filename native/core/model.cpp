@@ -85,18 +85,19 @@ struct Model::Impl {
   }
 
   // Flow-matching Euler; CFG pairs [uncond, cond] run as one batch; the state stays float32.
-  torch::Tensor runDit(const torch::Tensor& cond, torch::Tensor x, const std::vector<double>& sigmas,
-                       const std::vector<double>& timesteps, double cfg, const JobHooks& hooks, bool report) {
-    const int64_t B = x.size(0), steps = int64_t(timesteps.size());
+  torch::Tensor runDit(const torch::Tensor& cond, torch::Tensor x, const DitSampling& s, const JobHooks& hooks,
+                       bool report) {
+    const std::vector<double>& sigmas = s.sigmas;
+    const int64_t B = x.size(0), steps = int64_t(s.timesteps.size());
     const torch::Tensor condIn = cond.to(dtype);
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
       torch::Tensor v = perSample(B, [&](int64_t b, int64_t n) {
         torch::Tensor xs = x.narrow(0, b, n).to(dtype), cs = condIn.narrow(0, b, n);
-        torch::Tensor out = call(dit, {torch::cat({xs, xs}), torch::full({2 * n}, timesteps[i], f32()),
+        torch::Tensor out = call(dit, {torch::cat({xs, xs}), torch::full({2 * n}, s.timesteps[i], f32()),
                                        torch::cat({torch::zeros_like(cs), cs})}).to(torch::kFloat32);
         torch::Tensor vu = out.narrow(0, 0, n), vc = out.narrow(0, n, n);
-        return vu + cfg * (vc - vu);
+        return vu + s.cfg * (vc - vu);
       });
       x = x + (sigmas[i + 1] - sigmas[i]) * v;
       if (report && hooks.progress) hooks.progress("dit", int(i + 1), int(steps));
@@ -227,7 +228,7 @@ void Model::prepareNegative(const NegativeRequest& req, const JobHooks& hooks) {
   torch::Tensor cond = m.backbone.run_method("condition", m.ids(req.ids)).toTensor();
   auto gen = at::make_generator<at::CPUGeneratorImpl>(req.seed);
   torch::Tensor eps = at::randn({1, m.manifest.clipTokens, m.manifest.clipWidth}, gen, torch::kFloat32).to(m.device);
-  m.negative = m.runDit(cond, eps, req.ditSigmas, req.ditTimesteps, req.ditCfg, hooks, false);
+  m.negative = m.runDit(cond, eps, req.dit, hooks, false);
 }
 
 GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks) {
@@ -258,8 +259,7 @@ GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks
   result.conditionMs = msSince(stage);
 
   stage = Clock::now();
-  torch::Tensor features = m.runDit(torch::cat(conds), torch::cat(epsDit).to(m.device), req.ditSigmas,
-                                    req.ditTimesteps, req.ditCfg, hooks, true);
+  torch::Tensor features = m.runDit(torch::cat(conds), torch::cat(epsDit).to(m.device), req.dit, hooks, true);
   m.sync();
   result.ditMs = msSince(stage);
 

@@ -35,6 +35,11 @@ void checkSchedule(const std::vector<double>& sigmas, const std::vector<double>&
     if (!std::isfinite(timesteps[i])) invalid(prefix + "Timesteps[" + std::to_string(i) + "] must be finite");
 }
 
+void checkDit(const DitSampling& dit) {
+  checkSchedule(dit.sigmas, dit.timesteps, "dit", false);
+  if (!std::isfinite(dit.cfg)) invalid("ditCfg must be finite");
+}
+
 void checkConditionLength(const Manifest& m, size_t len, const std::string& name) {
   if (int64_t(len) + m.backbone.queryTokens > m.backbone.context)
     invalid(name + " has " + std::to_string(len) + " tokens; with " + std::to_string(m.backbone.queryTokens) +
@@ -46,8 +51,7 @@ void checkConditionLength(const Manifest& m, size_t len, const std::string& name
 void validate(const Manifest& m, const NegativeRequest& req) {
   checkIds(m, req.ids, "ids");
   checkConditionLength(m, req.ids.size(), "ids");
-  checkSchedule(req.ditSigmas, req.ditTimesteps, "dit", false);
-  if (!std::isfinite(req.ditCfg)) invalid("ditCfg must be finite");
+  checkDit(req.dit);
 }
 
 void validate(const Manifest& m, const GenerateRequest& req) {
@@ -59,9 +63,8 @@ void validate(const Manifest& m, const GenerateRequest& req) {
     checkIds(m, req.prompts[b], "prompts[" + std::to_string(b) + "]");
     checkConditionLength(m, req.prompts[b].size(), "prompts[" + std::to_string(b) + "]");
   }
-  checkSchedule(req.ditSigmas, req.ditTimesteps, "dit", false);
+  checkDit(req.dit);
   checkSchedule(req.decoderSigmas, req.decoderTimesteps, "decoder", true);
-  if (!std::isfinite(req.ditCfg)) invalid("ditCfg must be finite");
   if (!std::isfinite(req.decoderCfg)) invalid("decoderCfg must be finite");
   if (!std::isfinite(req.decoderInitSigma) || req.decoderInitSigma <= 0)
     invalid("decoderInitSigma must be a positive finite number");

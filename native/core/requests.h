@@ -11,18 +11,22 @@
 
 namespace blip3o {
 
+// The DiT's flow-matching schedule: steps + 1 sigmas ending at 0, steps model timesteps, CFG scale.
+struct DitSampling {
+  std::vector<double> sigmas, timesteps;
+  double cfg = 0;
+};
+
 struct NegativeRequest {
   std::vector<int64_t> ids;
   uint64_t seed = 0;
-  std::vector<double> ditSigmas, ditTimesteps;
-  double ditCfg = 0;
+  DitSampling dit;
 };
 
 struct GenerateRequest {
   std::vector<std::vector<int64_t>> prompts;
   std::vector<uint64_t> seeds;
-  std::vector<double> ditSigmas, ditTimesteps;
-  double ditCfg = 0;
+  DitSampling dit;
   std::vector<double> decoderSigmas, decoderTimesteps;
   double decoderInitSigma = 1, decoderCfg = 0;
 };
