@@ -9,6 +9,7 @@
         "native/core/executor.cpp",
         "native/core/manifest.cpp",
         "native/core/model.cpp",
+        "native/core/pool.cpp",
         "native/core/requests.cpp",
         "native/core/sha256.cpp"
       ],

@@ -7,8 +7,11 @@ import { access, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { AbortError, InvalidArgumentError, isAbortError } from './errors';
+import { runBench } from './bench';
+import { markdown, writeReport } from './bench-report';
 import { formatFromFileName, writeFileAtomic } from './image';
 import { loadModel, packageVersion, runtimeInfo, type Blip3oModel } from './model';
+import { packageRoot } from './native';
 import {
   deviceRequests,
   dtypeRequests,
@@ -28,6 +31,7 @@ Commands:
   generate PROMPT -o FILE   generate an image from a caption
   describe IMAGE            describe an image, or answer --question about it
   info                      show the model bundle, device and runtime
+  bench                     benchmark the runtime against the Python reference
   help [COMMAND]            show help for a command
 
 Options:
@@ -82,9 +86,28 @@ Options:
 ${modelOptionsHelp}
   --json                    print the info object as JSON
   -h, --help                show this help`,
+  bench: `Usage: blip3o bench [options]
+
+Benchmarks the model: cold load, time per stage and per step, the runtime's overhead per step,
+end-to-end latency against the Python reference (bench/reference.py; same bundle, token ids, seeds
+and settings, runs alternating), the largest pixel difference between both, throughput at batch
+1, 2, 4 and 8 and through the request queue, understanding prefill and decode speed, peak memory.
+Prints a Markdown report and writes it with the JSON under --out (<date>_<machine>.json/.md and
+latest.json).
+
+Options:
+  --runs N                  measured runs per side (default 10; 2 with --quick)
+  --steps N                 DiT steps (default: the bundle's)
+  --decoder-steps N         decoder steps (default: the bundle's)
+  --no-python               skip the Python reference
+  --quick                   few runs and tokens (for tests)
+  --out DIR                 results directory (default: bench/results in the package)
+${modelOptionsHelp}
+  --json                    print the report as JSON instead of Markdown
+  -h, --help                show this help`,
   help: `Usage: blip3o help [COMMAND]
 
-Shows the help of COMMAND (generate, describe, info), or the list of commands.`,
+Shows the help of COMMAND (generate, describe, info, bench), or the list of commands.`,
 };
 
 type Options = NonNullable<ParseArgsConfig['options']>;
@@ -119,6 +142,15 @@ const commandOptions: Record<string, Options> = {
     seed: { type: 'string' },
   },
   info: modelOptions,
+  bench: {
+    ...modelOptions,
+    runs: { type: 'string' },
+    steps: { type: 'string' },
+    'decoder-steps': { type: 'string' },
+    'no-python': { type: 'boolean' },
+    quick: { type: 'boolean' },
+    out: { type: 'string' },
+  },
 };
 
 /** API option names as the CLI spells them, for error messages. */
@@ -138,6 +170,7 @@ const flagNames: Record<string, string> = {
   threads: '--threads',
   question: '--question',
   prompt: 'PROMPT',
+  runs: '--runs',
 };
 
 type Values = Record<string, string | boolean | undefined>;
@@ -345,10 +378,35 @@ async function runInfo(values: Values, positionals: string[], signal: AbortSigna
   process.stdout.write(`${lines.join('\n')}\n`);
 }
 
+async function runBenchCommand(values: Values, positionals: string[]): Promise<void> {
+  if (positionals.length > 0) throw new UsageError(`bench takes no arguments, got ${JSON.stringify(positionals[0])}`);
+  const { dir, options } = loadOptionsOf(values);
+  const out = path.resolve(stringOption(values, 'out') ?? path.join(packageRoot, 'bench', 'results'));
+  let report;
+  try {
+    report = await runBench({
+      ...options,
+      model: dir,
+      runs: numberOption(values, 'runs'),
+      steps: numberOption(values, 'steps'),
+      decoderSteps: numberOption(values, 'decoder-steps'),
+      python: values['no-python'] !== true,
+      quick: values.quick === true,
+      log: (line) => process.stderr.write(`bench: ${line}\n`),
+    });
+  } catch (err) {
+    throw withFlagNames(err);
+  }
+  const files = await writeReport(report, out);
+  process.stderr.write(`bench: wrote ${files.json}, ${files.markdown} and ${files.latest}\n`);
+  process.stdout.write(values.json === true ? `${JSON.stringify(report)}\n` : markdown(report));
+}
+
 const commands: Record<string, (values: Values, positionals: string[], signal: AbortSignal) => Promise<void>> = {
   generate: runGenerate,
   describe: runDescribe,
   info: runInfo,
+  bench: runBenchCommand,
 };
 
 /** `--cfg -1` as `--cfg=-1`: parseArgs would take "-1" for an option; the API then says what is wrong. */
@@ -383,13 +441,13 @@ async function main(argv: string[]): Promise<number> {
       process.stdout.write(`${mainHelp}\n`);
       return 0;
     }
-    if (commandHelp[topic] === undefined) throw new UsageError(`unknown command ${JSON.stringify(topic)} (commands: generate, describe, info, help)`);
+    if (commandHelp[topic] === undefined) throw new UsageError(`unknown command ${JSON.stringify(topic)} (commands: generate, describe, info, bench, help)`);
     process.stdout.write(`${commandHelp[topic]}\n`);
     return 0;
   }
   const run = commands[command];
   if (run === undefined) {
-    throw new UsageError(`unknown command ${JSON.stringify(command)} (commands: generate, describe, info, help; see blip3o --help)`);
+    throw new UsageError(`unknown command ${JSON.stringify(command)} (commands: generate, describe, info, bench, help; see blip3o --help)`);
   }
   const options = commandOptions[command];
   const { values, positionals } = parseArgs({ args: joinNegativeNumbers(rest, options), options, allowPositionals: true, strict: true });

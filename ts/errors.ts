@@ -10,7 +10,8 @@ export type Blip3oErrorCode =
   | 'BLIP3O_ABORTED'
   | 'BLIP3O_DISPOSED'
   | 'BLIP3O_DEVICE'
-  | 'BLIP3O_RUNTIME';
+  | 'BLIP3O_RUNTIME'
+  | 'BLIP3O_BUSY';
 
 export class Blip3oError extends Error {
   readonly code: Blip3oErrorCode;
@@ -61,6 +62,13 @@ export class DisposedError extends Blip3oError {
 export class Blip3oRuntimeError extends Blip3oError {
   constructor(message: string, options?: { cause?: unknown }) {
     super('BLIP3O_RUNTIME', message, options);
+  }
+}
+
+/** The model's request queue is full (load option maxQueue): retry later, or raise the limit. */
+export class BusyError extends Blip3oError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('BLIP3O_BUSY', message, options);
   }
 }
 

@@ -2,7 +2,7 @@
 // on libtorch; the public API.
 
 export { loadModel, runtimeInfo, bundledModelDir, Blip3oModel } from './model';
-export type { GenerateResult, GenerateTimings, ModelInfo, RuntimeInfo } from './model';
+export type { DescribeDetails, GenerateResult, GenerateTimings, ModelInfo, RuntimeInfo } from './model';
 export type {
   DescribeOptions,
   GenerateOptions,
@@ -19,6 +19,7 @@ export {
   Blip3oError,
   Blip3oRuntimeError,
   BundleError,
+  BusyError,
   DeviceError,
   DisposedError,
   InvalidArgumentError,

@@ -13,12 +13,14 @@ import {
   packageRoot,
   type Device,
   type Dtype,
-  type GenerationStage,
+  type NativeDescribeResult,
   type NativeJob,
   type NativeModel,
   type NativeRuntimeInfo,
 } from './native';
 import {
+  defaultMaxBatch,
+  defaultMaxQueue,
   invalidOption,
   maxSeed,
   randomSeed,
@@ -32,6 +34,7 @@ import {
   type ImageFormat,
   type LoadOptions,
 } from './options';
+import { GenerateQueue, type QueueLimits } from './queue';
 import { eulerDiscreteSchedule, flowMatchSigmas } from './schedules';
 import { PromptTokenizer } from './tokenizer';
 
@@ -48,6 +51,18 @@ export interface GenerateTimings {
   encodeMs: number;
   /** The whole call, from validation to encoded images. */
   totalMs: number;
+  /**
+   * Wall time spent inside the TorchScript modules, per stage (the calls of a batch that ran
+   * concurrently counted once). Stage time minus call time is what the runtime adds.
+   */
+  conditionCallMs: number;
+  ditCallMs: number;
+  decoderCallMs: number;
+  vaeCallMs: number;
+  /** Wall time of each DiT step, in order (the step's calls, guidance, update and progress). */
+  ditStepMs: number[];
+  /** Wall time of each decoder step, in order. */
+  decoderStepMs: number[];
 }
 
 export interface GenerateResult {
@@ -60,6 +75,21 @@ export interface GenerateResult {
   seed: number;
   /** Timings of the call that produced the sample (shared by the samples of a batch). */
   timings: GenerateTimings;
+}
+
+/** describeDetailed's answer: the text and what it took. */
+export interface DescribeDetails {
+  text: string;
+  /** Prompt tokens (template, question and image tokens). */
+  promptTokens: number;
+  /** Tokens of the answer (a stop token not counted). */
+  generatedTokens: number;
+  /** 'stop': the model ended the answer; 'length': maxTokens (or the context) ended it. */
+  stopReason: 'stop' | 'length';
+  /** Embedding, image encoding and prefill of the prompt. */
+  prefillMs: number;
+  /** The token-by-token loop. */
+  decodeMs: number;
 }
 
 export interface ModelInfo {
@@ -128,7 +158,7 @@ export async function loadModel(dirOrOptions?: string | LoadOptions, maybeOption
   const binding = getBinding();
   let native: NativeModel;
   try {
-    native = await binding.load(bundleDir, loadOptions);
+    native = await binding.load(bundleDir, { device: loadOptions.device, dtype: loadOptions.dtype, threads: loadOptions.threads });
   } catch (err) {
     throw fromNativeError(err);
   }
@@ -148,7 +178,10 @@ export async function loadModel(dirOrOptions?: string | LoadOptions, maybeOption
       ditTimesteps: schedule.timesteps,
       ditCfg: dit.cfg,
     }).promise;
-    return new Blip3oModel(native, manifest, tokenizer, binding.runtimeInfo().libtorch);
+    return new Blip3oModel(native, manifest, tokenizer, binding.runtimeInfo().libtorch, {
+      maxBatch: loadOptions.maxBatch,
+      maxQueue: loadOptions.maxQueue,
+    });
   } catch (err) {
     await native.dispose().catch(() => undefined);
     throw fromNativeError(err);
@@ -165,27 +198,6 @@ function startJob<T>(start: () => NativeJob<T>, signal: AbortSignal | undefined)
   }
 }
 
-/**
- * Waits for a job, cancelling it when `signal` aborts. A rejection becomes the typed error of its
- * code, or the error a user callback threw (which cancelled the job).
- */
-async function awaitJob<T>(
-  model: NativeModel,
-  job: NativeJob<T>,
-  signal: AbortSignal | undefined,
-  callbackError: () => unknown,
-): Promise<T> {
-  const onAbort = (): void => cancelQuietly(model, job.id);
-  signal?.addEventListener('abort', onAbort, { once: true });
-  try {
-    return await job.promise;
-  } catch (err) {
-    throw callbackError() ?? fromNativeError(err, signal);
-  } finally {
-    signal?.removeEventListener('abort', onAbort);
-  }
-}
-
 /** Cancels a job; a model disposed meanwhile has cancelled it already. */
 function cancelQuietly(model: NativeModel, jobId: number): void {
   try {
@@ -198,6 +210,7 @@ function cancelQuietly(model: NativeModel, jobId: number): void {
 export class Blip3oModel {
   private disposed = false;
   private disposing: Promise<void> | undefined;
+  private readonly queue: GenerateQueue;
 
   /** Use loadModel(). */
   constructor(
@@ -206,7 +219,10 @@ export class Blip3oModel {
     readonly manifest: BundleManifest,
     private readonly tokenizer: PromptTokenizer,
     private readonly libtorch: string,
-  ) {}
+    limits: QueueLimits = { maxBatch: defaultMaxBatch, maxQueue: defaultMaxQueue },
+  ) {
+    this.queue = new GenerateQueue(native, limits);
+  }
 
   /** Generates one image for a prompt. */
   generate(prompt: string, options?: GenerateOptions): Promise<GenerateResult>;
@@ -235,42 +251,23 @@ export class Blip3oModel {
     const dit = flowMatchSigmas(opts.steps ?? sampler.dit.steps, { shift: sampler.dit.shift });
     const decoder = eulerDiscreteSchedule(opts.decoderSteps ?? sampler.decoder.steps, sampler.decoder);
 
-    let progressError: unknown;
-    let jobId = -1;
     const onProgress = opts.onProgress;
-    const progress =
-      onProgress === undefined
-        ? undefined
-        : (stage: GenerationStage, step: number, steps: number): void => {
-            if (progressError !== undefined) return;
-            try {
-              onProgress({ stage, step, steps });
-            } catch (err) {
-              // A throwing progress callback ends the job; generate rejects with its error.
-              progressError = err;
-              cancelQuietly(this.native, jobId);
-            }
-          };
-    const job = startJob(
-      () =>
-        this.native.generate(
-          {
-            prompts: ids,
-            seeds,
-            ditSigmas: dit.sigmas,
-            ditTimesteps: dit.timesteps,
-            ditCfg: opts.cfg ?? sampler.dit.cfg,
-            decoderSigmas: decoder.sigmas,
-            decoderTimesteps: decoder.timesteps,
-            decoderInitSigma: decoder.initNoiseSigma,
-            decoderCfg: opts.decoderCfg ?? sampler.decoder.cfg,
-          },
-          progress,
-        ),
-      opts.signal,
-    );
-    jobId = job.id;
-    const result = await awaitJob(this.native, job, opts.signal, () => progressError);
+    // Through the queue: calls made together (or while a batch runs) with these settings share a batch.
+    const result = await this.queue.submit({
+      prompts: ids,
+      seeds,
+      settings: {
+        ditSigmas: dit.sigmas,
+        ditTimesteps: dit.timesteps,
+        ditCfg: opts.cfg ?? sampler.dit.cfg,
+        decoderSigmas: decoder.sigmas,
+        decoderTimesteps: decoder.timesteps,
+        decoderInitSigma: decoder.initNoiseSigma,
+        decoderCfg: opts.decoderCfg ?? sampler.decoder.cfg,
+      },
+      signal: opts.signal,
+      onProgress: onProgress && ((stage, step, steps) => onProgress({ stage, step, steps })),
+    });
 
     const { width, height, count } = result;
     if (count !== prompts.length || width !== image.width || height !== image.height) {
@@ -293,6 +290,12 @@ export class Blip3oModel {
       vaeMs: result.timings.vaeMs,
       encodeMs: finished - encodeStarted,
       totalMs: finished - started,
+      conditionCallMs: result.timings.conditionCallMs,
+      ditCallMs: result.timings.ditCallMs,
+      decoderCallMs: result.timings.decoderCallMs,
+      vaeCallMs: result.timings.vaeCallMs,
+      ditStepMs: result.timings.ditStepMs,
+      decoderStepMs: result.timings.decoderStepMs,
     };
     const samples = images.map((bytes, index) => ({
       image: bytes,
@@ -300,7 +303,7 @@ export class Blip3oModel {
       width,
       height,
       seed: seeds[index],
-      timings: { ...timings },
+      timings: { ...timings, ditStepMs: [...timings.ditStepMs], decoderStepMs: [...timings.decoderStepMs] },
     }));
     return batch ? samples : samples[0];
   }
@@ -312,6 +315,24 @@ export class Blip3oModel {
     let text = '';
     for await (const piece of this.streamAnswer(image, question, options, 'describe')) text += piece;
     return text;
+  }
+
+  /** Like describe, with the token counts and the time of the prompt's prefill and of the decode loop. */
+  describeDetailed(image: ImageInput, question?: string, options?: DescribeOptions): Promise<DescribeDetails>;
+  describeDetailed(image: ImageInput, options?: DescribeOptions): Promise<DescribeDetails>;
+  async describeDetailed(image: ImageInput, question?: string | DescribeOptions, options?: DescribeOptions): Promise<DescribeDetails> {
+    let text = '';
+    let stats: NativeDescribeResult | undefined;
+    for await (const piece of this.streamAnswer(image, question, options, 'describeDetailed', (r) => (stats = r))) text += piece;
+    const r = stats!;
+    return {
+      text,
+      promptTokens: r.promptTokens,
+      generatedTokens: r.tokens.length,
+      stopReason: r.stopReason,
+      prefillMs: r.prefillMs,
+      decodeMs: r.decodeMs,
+    };
   }
 
   /**
@@ -329,6 +350,7 @@ export class Blip3oModel {
     questionOrOptions: string | DescribeOptions | undefined,
     maybeOptions: DescribeOptions | undefined,
     call: string,
+    onResult?: (result: NativeDescribeResult) => void,
   ): AsyncGenerator<string, void, undefined> {
     this.ensureOpen();
     let question: unknown = questionOrOptions;
@@ -385,6 +407,7 @@ export class Blip3oModel {
       (result) => {
         // The result's token list is authoritative: token callbacks still in flight are dropped.
         settled = true;
+        onResult?.(result);
         received.splice(0, received.length, ...result.tokens);
         wake?.();
       },
@@ -457,6 +480,7 @@ export class Blip3oModel {
    */
   dispose(): Promise<void> {
     this.disposed = true;
+    this.queue.close();
     this.disposing ??= this.native.dispose().catch((err: unknown) => {
       throw fromNativeError(err);
     });

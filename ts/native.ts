@@ -50,6 +50,14 @@ export interface NativeGenerateTimings {
   decoderMs: number;
   vaeMs: number;
   totalMs: number;
+  /** Wall time inside TorchScript calls, per stage (concurrent calls of a batch counted once). */
+  conditionCallMs: number;
+  ditCallMs: number;
+  decoderCallMs: number;
+  vaeCallMs: number;
+  /** Wall time of every DiT / decoder step. */
+  ditStepMs: number[];
+  decoderStepMs: number[];
 }
 
 export interface NativeGenerateResult {

@@ -14,6 +14,10 @@ export const dtypeRequests: readonly DtypeRequest[] = ['auto', 'float32', 'bfloa
 export const maxSeed = Number.MAX_SAFE_INTEGER;
 /** Upper bound for steps and decoderSteps. */
 export const maxSteps = 1000;
+/** Default maxBatch: samples of concurrent generate calls merged into one native batch. */
+export const defaultMaxBatch = 8;
+/** Default maxQueue: generate calls waiting to run. */
+export const defaultMaxQueue = 64;
 /** Default input pixel limit for images given to describe (width * height). */
 export const defaultLimitInputPixels = 4096 * 4096;
 
@@ -22,8 +26,15 @@ export interface LoadOptions {
   device?: DeviceRequest;
   /** Compute dtype; 'auto' = the bundle's dtype on CUDA, float32 on CPU. Default 'auto'. */
   dtype?: DtypeRequest;
-  /** Intra-op CPU threads; 0 = the runtime's default. Default 0. */
+  /**
+   * CPU threads of the model; 0 = the runtime's default (the machine's cores, at most 8). On CPU a
+   * sample runs on one thread, and the samples of a batch run up to `threads` at a time. Default 0.
+   */
   threads?: number;
+  /** Most samples that concurrent generate calls with the same settings merge into one batch. Default 8. */
+  maxBatch?: number;
+  /** Most generate calls waiting to run; past it generate rejects with a BusyError. Default 64. */
+  maxQueue?: number;
 }
 
 export interface ProgressEvent {
@@ -71,6 +82,8 @@ export interface ValidatedLoadOptions {
   device: DeviceRequest;
   dtype: DtypeRequest;
   threads: number;
+  maxBatch: number;
+  maxQueue: number;
 }
 
 export interface ValidatedGenerateOptions {
@@ -157,7 +170,7 @@ const isFunction = (value: unknown): value is (event: ProgressEvent) => void => 
 const seedText = `integer between 0 and ${maxSeed}`;
 const stepsText = `integer between 1 and ${maxSteps}`;
 
-const loadOptionNames = ['device', 'dtype', 'threads'] as const;
+const loadOptionNames = ['device', 'dtype', 'threads', 'maxBatch', 'maxQueue'] as const;
 const generateOptionNames = ['seed', 'steps', 'cfg', 'decoderSteps', 'decoderCfg', 'format', 'signal', 'onProgress'] as const;
 const describeOptionNames = ['maxTokens', 'temperature', 'topK', 'topP', 'seed', 'limitInputPixels', 'signal'] as const;
 
@@ -167,6 +180,8 @@ export function validateLoadOptions(options: unknown): ValidatedLoadOptions {
     device: optional(record, 'device', oneOf(deviceRequests), choiceText(deviceRequests)) ?? 'auto',
     dtype: optional(record, 'dtype', oneOf(dtypeRequests), choiceText(dtypeRequests)) ?? 'auto',
     threads: optional(record, 'threads', isNonNegativeInteger, 'non-negative integer') ?? 0,
+    maxBatch: optional(record, 'maxBatch', isPositiveInteger, 'positive integer') ?? defaultMaxBatch,
+    maxQueue: optional(record, 'maxQueue', isPositiveInteger, 'positive integer') ?? defaultMaxQueue,
   };
 }
 

@@ -67,6 +67,7 @@ Napi::Value loadJs(const Napi::CallbackInfo& info) {
 
     auto* data = env.GetInstanceData<AddonData>();
     auto handle = std::make_shared<ModelHandle>(threads);
+    options.threads = handle->executor->threads();
     data->models.erase(std::remove_if(data->models.begin(), data->models.end(), [](auto& w) { return w.expired(); }),
                        data->models.end());
     data->models.push_back(handle);

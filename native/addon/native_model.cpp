@@ -189,6 +189,17 @@ Napi::Value NativeModel::generate(const Napi::CallbackInfo& info) {
           t.Set("decoderMs", r.decoderMs);
           t.Set("vaeMs", r.vaeMs);
           t.Set("totalMs", r.totalMs);
+          t.Set("conditionCallMs", r.conditionCallMs);
+          t.Set("ditCallMs", r.ditCallMs);
+          t.Set("decoderCallMs", r.decoderCallMs);
+          t.Set("vaeCallMs", r.vaeCallMs);
+          auto list = [env](const std::vector<double>& v) {
+            Napi::Array a = Napi::Array::New(env, v.size());
+            for (size_t i = 0; i < v.size(); ++i) a.Set(uint32_t(i), Napi::Number::New(env, v[i]));
+            return a;
+          };
+          t.Set("ditStepMs", list(r.ditStepMs));
+          t.Set("decoderStepMs", list(r.decoderStepMs));
           out.Set("timings", t);
           return out;
         },

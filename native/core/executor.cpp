@@ -4,31 +4,20 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
-#include <dlfcn.h>
 
 #include <optional>
 
+#include "pool.h"
+
 namespace blip3o {
-namespace {
 
-// OpenBLAS (Debian's BLAS for libtorch, pthreads build) keeps its own pool that at::set_num_threads
-// does not reach. Both pools busy-wait, so two of them on the same cores ran the tiny model 2x slower
-// here; with an explicit thread count, ATen's OpenMP pool gets the threads and BLAS runs on the
-// calling thread. (threads = 0 leaves both libraries at their defaults, like Python's torch.)
-void setBlasThreads(int n) {
-  using SetThreads = void (*)(int);
-  if (auto fn = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) fn(n);
-}
-
-}  // namespace
-
-Executor::Executor(int threads) : threads_(threads > 0 ? threads : at::get_num_threads()) {
-  const bool custom = threads > 0;
-  thread_ = std::thread([this, custom] {
-    if (custom) {
-      at::set_num_threads(threads_);
-      setBlasThreads(1);
-    }
+// The executor thread computes with one intra-op thread: on CPU, a model's `threads` are the
+// executor thread plus its WorkerPool's workers, which run a batch's samples side by side (each
+// sample's arithmetic then never depends on the batch), and one sample ran faster on one thread
+// than on two here. setComputeThreads also keeps OpenBLAS's own busy-waiting pool off these cores.
+Executor::Executor(int threads) : threads_(threads > 0 ? threads : defaultThreads()) {
+  thread_ = std::thread([this] {
+    setComputeThreads(1);
     loop();
   });
 }

@@ -23,7 +23,7 @@ class Executor {
   // job): nullptr on success, else the error.
   using Done = std::function<void(const Error* error)>;
 
-  explicit Executor(int threads);  // threads <= 0: libtorch's default
+  explicit Executor(int threads);  // the model's CPU threads (see pool.h); <= 0: defaultThreads()
   ~Executor();                     // shutdown() and join()
 
   // Queues a job; after shutdown it completes at once with Error(Disposed).

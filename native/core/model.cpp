@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/cuda.h>
+#include <torch/csrc/jit/python/update_graph_executor_opt.h>
 #include <torch/script.h>
 #include <torch/version.h>
 
@@ -14,6 +15,7 @@
 #include <numeric>
 
 #include "errors.h"
+#include "pool.h"
 
 namespace blip3o {
 namespace {
@@ -40,6 +42,24 @@ torch::ScalarType scalarType(const std::string& name) {
 
 const char* const kBackboneMethods[] = {"condition", "embed", "encode_image", "new_cache", "prefill", "decode"};
 
+// Freezing turns parameters into constants and inlines every submodule call into the methods'
+// graphs, so a call runs without submodule calls or attribute lookups; with optimize_numerics off the arithmetic is the
+// same (same bytes as the module as exported). The inliner takes each callee's optimised graph,
+// which is inlined only while the graph executor optimises (a thread-local setting this thread
+// otherwise keeps off), hence the guard. A module that cannot be frozen runs as exported.
+torch::jit::Module frozen(const torch::jit::Module& module, const std::vector<std::string>& methods) {
+  struct OptimizeGuard {
+    bool was = torch::jit::getGraphExecutorOptimize();
+    OptimizeGuard() { torch::jit::setGraphExecutorOptimize(true); }
+    ~OptimizeGuard() { torch::jit::setGraphExecutorOptimize(was); }
+  } guard;
+  try {
+    return torch::jit::freeze(module, methods, false);
+  } catch (const c10::Error&) {
+    return module;
+  }
+}
+
 }  // namespace
 
 RuntimeInfo runtimeInfo() {
@@ -47,9 +67,47 @@ RuntimeInfo runtimeInfo() {
   info.libtorch = TORCH_VERSION;
   info.cudaBuilt = cudaBuilt();
   info.cudaDevices = info.cudaBuilt ? int(torch::cuda::device_count()) : 0;
-  info.defaultThreads = at::get_num_threads();
+  info.defaultThreads = defaultThreads();
   return info;
 }
+
+namespace {
+
+// Wall time spent inside module calls: each call records its interval, and a step counts the union
+// of its intervals once, however many calls overlapped on the pool.
+class CallSpans {
+ public:
+  void reset(size_t slots) { spans_.assign(slots, {}); }
+  torch::Tensor time(size_t slot, const std::function<torch::Tensor()>& call) {
+    auto t0 = Clock::now();
+    torch::Tensor out = call();
+    spans_[slot] = {t0, Clock::now()};
+    return out;
+  }
+  double takeUnionMs() {
+    std::sort(spans_.begin(), spans_.end());
+    double total = 0;
+    Clock::time_point end{};
+    for (auto& [a, b] : spans_) {
+      if (b <= end) continue;
+      total += std::chrono::duration<double, std::milli>(b - std::max(a, end)).count();
+      end = b;
+    }
+    reset(spans_.size());
+    return total;
+  }
+
+ private:
+  std::vector<std::pair<Clock::time_point, Clock::time_point>> spans_;
+};
+
+// A stage's accounting: time inside module calls and the wall time of each step.
+struct StageClock {
+  double callMs = 0;
+  std::vector<double> stepMs;
+};
+
+}  // namespace
 
 struct Model::Impl {
   Manifest manifest;
@@ -58,7 +116,10 @@ struct Model::Impl {
   torch::ScalarType dtype = torch::kFloat32;
   torch::jit::Module backbone, dit, decoder, vae;
   torch::Tensor negative;  // [1, clip tokens, clip width] float32; set by prepareNegative
-  bool exactBatches = true;  // see perSample
+  // CPU only: the workers that run the per-sample calls (see groups()). Declared after the modules,
+  // so it is destroyed (its threads joined) before them.
+  std::unique_ptr<WorkerPool> pool;
+  CallSpans spans;
 
   torch::TensorOptions f32() const { return torch::TensorOptions().dtype(torch::kFloat32).device(device); }
 
@@ -73,66 +134,104 @@ struct Model::Impl {
 
   torch::Tensor call(torch::jit::Module& m, std::vector<torch::IValue> args) { return m.forward(std::move(args)).toTensor(); }
 
-  // Calls `fn(first, count)` on sample ranges and concatenates the results. On CPU one call per
+  // The sample ranges [first, first + count) that each run as one module call. On CPU one per
   // sample: OpenBLAS GEMMs and oneDNN convolutions round a row differently depending on the batch
-  // size, so only a call shaped exactly like the one-sample call gives that sample's bytes. On CUDA
-  // one call for the batch (a step costs about the same for any small batch there).
-  torch::Tensor perSample(int64_t B, const std::function<torch::Tensor(int64_t, int64_t)>& fn) const {
-    if (!exactBatches || B == 1) return fn(0, B);
-    std::vector<torch::Tensor> parts;
-    for (int64_t b = 0; b < B; ++b) parts.push_back(fn(b, 1));
-    return torch::cat(parts);
+  // size, so only a call shaped exactly like the one-sample call gives that sample's bytes; the
+  // pool runs them concurrently instead. On CUDA one call for the batch (a step costs about the
+  // same for any small batch there).
+  std::vector<std::pair<int64_t, int64_t>> groups(int64_t B) const {
+    if (!pool) return {{0, B}};
+    std::vector<std::pair<int64_t, int64_t>> out;
+    for (int64_t b = 0; b < B; ++b) out.push_back({b, 1});
+    return out;
   }
 
-  // Flow-matching Euler; CFG pairs [uncond, cond] run as one batch; the state stays float32.
+  // Runs task(0..count-1): concurrently on the CPU pool, in order on CUDA.
+  void parallel(size_t count, const std::function<void(int)>& task) {
+    spans.reset(count);
+    if (pool) return pool->run(int(count), task);
+    for (size_t i = 0; i < count; ++i) task(int(i));
+  }
+
+  // [steps, 2n] model timesteps on the device, built once: a step only selects its row.
+  torch::Tensor timestepRows(const std::vector<double>& t, int64_t n) const {
+    return torch::tensor(t, torch::kFloat32).unsqueeze(1).expand({-1, 2 * n}).contiguous().to(device);
+  }
+
+  // Flow-matching Euler over x [B,T,C] (float32, updated in place). Each call is a CFG pair
+  // [uncond, cond] in an input buffer reused every step; the update is in place with the same
+  // operations (and so the same bytes) as x + dsigma * (vu + cfg (vc - vu)).
   torch::Tensor runDit(const torch::Tensor& cond, torch::Tensor x, const DitSampling& s, const JobHooks& hooks,
-                       bool report) {
-    const std::vector<double>& sigmas = s.sigmas;
-    const int64_t B = x.size(0), steps = int64_t(s.timesteps.size());
-    const torch::Tensor condIn = cond.to(dtype);
+                       bool report, StageClock& clock) {
+    const int64_t steps = int64_t(s.timesteps.size());
+    struct Group { torch::Tensor x, in, cond, t; };
+    std::vector<Group> gs;
+    for (auto [first, n] : groups(x.size(0))) {
+      torch::Tensor c = cond.narrow(0, first, n);
+      gs.push_back({x.narrow(0, first, n), torch::empty({2 * n, x.size(1), x.size(2)}, x.options().dtype(dtype)),
+                    torch::cat({torch::zeros_like(c), c}).to(dtype), timestepRows(s.timesteps, n)});
+    }
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
-      torch::Tensor v = perSample(B, [&](int64_t b, int64_t n) {
-        torch::Tensor xs = x.narrow(0, b, n).to(dtype), cs = condIn.narrow(0, b, n);
-        torch::Tensor out = call(dit, {torch::cat({xs, xs}), torch::full({2 * n}, s.timesteps[i], f32()),
-                                       torch::cat({torch::zeros_like(cs), cs})}).to(torch::kFloat32);
+      auto t0 = Clock::now();
+      const double dsigma = s.sigmas[i + 1] - s.sigmas[i];
+      parallel(gs.size(), [&](int gi) {
+        Group& g = gs[gi];
+        const int64_t n = g.x.size(0);
+        g.in.narrow(0, 0, n).copy_(g.x);
+        g.in.narrow(0, n, n).copy_(g.x);
+        torch::Tensor out = spans.time(gi, [&] { return call(dit, {g.in, g.t[i], g.cond}); }).to(torch::kFloat32);
         torch::Tensor vu = out.narrow(0, 0, n), vc = out.narrow(0, n, n);
-        return vu + s.cfg * (vc - vu);
+        g.x.add_((vc - vu).mul_(s.cfg).add_(vu).mul_(dsigma));
       });
-      x = x + (sigmas[i + 1] - sigmas[i]) * v;
+      clock.callMs += spans.takeUnionMs();
       if (report && hooks.progress) hooks.progress("dit", int(i + 1), int(steps));
+      clock.stepMs.push_back(msSince(t0));
     }
     return x;
   }
 
-  // Euler discrete (k-diffusion form); CFG pairs [cond, negative] run as one batch.
-  torch::Tensor runDecoder(const torch::Tensor& features, torch::Tensor z, const GenerateRequest& req,
-                           const JobHooks& hooks) {
-    const int64_t B = z.size(0), steps = int64_t(req.decoderTimesteps.size());
+  // Euler discrete (k-diffusion form) over z [B,c,h,w] (float32, updated in place); CFG pairs
+  // [cond, negative], the features half of the input built once.
+  void runDecoder(const torch::Tensor& features, torch::Tensor& z, const GenerateRequest& req, const JobHooks& hooks,
+                  StageClock& clock) {
+    const int64_t steps = int64_t(req.decoderTimesteps.size());
     const std::string& prediction = manifest.decoder.predictionType;
-    const torch::Tensor featIn = features.to(dtype), negIn = negative.to(dtype);
+    struct Group { torch::Tensor z, in, features, t; };
+    std::vector<Group> gs;
+    for (auto [first, n] : groups(z.size(0))) {
+      std::vector<int64_t> shape = z.sizes().vec();
+      shape[0] = 2 * n;
+      gs.push_back({z.narrow(0, first, n), torch::empty(shape, z.options().dtype(dtype)),
+                    torch::cat({features.narrow(0, first, n), negative.expand({n, -1, -1})}).to(dtype),
+                    timestepRows(req.decoderTimesteps, n)});
+    }
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
-      const double s = req.decoderSigmas[i];
-      torch::Tensor out = perSample(B, [&](int64_t b, int64_t n) {
-        torch::Tensor zin = (z.narrow(0, b, n) / std::sqrt(s * s + 1)).to(dtype);
-        torch::Tensor o = call(decoder, {torch::cat({zin, zin}), torch::full({2 * n}, req.decoderTimesteps[i], f32()),
-                                         torch::cat({featIn.narrow(0, b, n), negIn.expand({n, -1, -1})})})
-                              .to(torch::kFloat32);
+      auto t0 = Clock::now();
+      const double s = req.decoderSigmas[i], dsigma = req.decoderSigmas[i + 1] - s;
+      parallel(gs.size(), [&](int gi) {
+        Group& g = gs[gi];
+        const int64_t n = g.z.size(0);
+        torch::Tensor zin = g.z / std::sqrt(s * s + 1);
+        g.in.narrow(0, 0, n).copy_(zin);
+        g.in.narrow(0, n, n).copy_(zin);
+        torch::Tensor o = spans.time(gi, [&] { return call(decoder, {g.in, g.t[i], g.features}); }).to(torch::kFloat32);
         torch::Tensor oc = o.narrow(0, 0, n), on = o.narrow(0, n, n);
-        return on + req.decoderCfg * (oc - on);
+        torch::Tensor out = (oc - on).mul_(req.decoderCfg).add_(on);  // on + cfg (oc - on)
+        torch::Tensor denoised;
+        if (prediction == "epsilon")
+          denoised = g.z - out.mul_(s);
+        else if (prediction == "sample")
+          denoised = out;
+        else  // v_prediction
+          denoised = out * (-s / std::sqrt(s * s + 1)) + g.z / (s * s + 1);
+        g.z.add_(((g.z - denoised) / s).mul_(dsigma));
       });
-      torch::Tensor denoised;
-      if (prediction == "epsilon")
-        denoised = z - s * out;
-      else if (prediction == "sample")
-        denoised = out;
-      else  // v_prediction
-        denoised = out * (-s / std::sqrt(s * s + 1)) + z / (s * s + 1);
-      z = z + (req.decoderSigmas[i + 1] - s) * ((z - denoised) / s);
+      clock.callMs += spans.takeUnionMs();
       if (hooks.progress) hooks.progress("decoder", int(i + 1), int(steps));
+      clock.stepMs.push_back(msSince(t0));
     }
-    return z;
   }
 
   // Greedy, or temperature softmax over the top-k then top-p candidates, drawn from `gen`.
@@ -182,7 +281,6 @@ std::unique_ptr<Model> Model::load(const std::string& bundleDir, const LoadOptio
   impl->device = (options.device == "cuda" || (options.device == "auto" && cuda)) ? torch::Device(torch::kCUDA)
                                                                                     : torch::Device(torch::kCPU);
   impl->deviceName = impl->device.is_cuda() ? "cuda" : "cpu";
-  impl->exactBatches = !impl->device.is_cuda();
   if (options.dtype != "auto")
     impl->dtypeName = options.dtype;
   else if (impl->device.is_cuda())
@@ -213,22 +311,25 @@ std::unique_ptr<Model> Model::load(const std::string& bundleDir, const LoadOptio
         throw Error(ErrorCode::Bundle, file.path + " has no method '" + method + "' (required by bundle format 1)");
     module.eval();
     module.to(impl->dtype);
-    return module;
+    return frozen(module, {methods.begin(), methods.end()});
   };
   impl->backbone = loadModule("backbone", {std::begin(kBackboneMethods), std::end(kBackboneMethods)});
   impl->dit = loadModule("dit", {"forward"});
   impl->decoder = loadModule("decoder", {"forward"});
   impl->vae = loadModule("vae", {"forward"});
+  if (!impl->device.is_cuda()) impl->pool = std::make_unique<WorkerPool>(options.threads);
   return std::unique_ptr<Model>(new Model(std::move(impl)));
 }
 
 void Model::prepareNegative(const NegativeRequest& req, const JobHooks& hooks) {
   Impl& m = *impl_;
   validate(m.manifest, req);
-  torch::Tensor cond = m.backbone.run_method("condition", m.ids(req.ids)).toTensor();
+  torch::Tensor cond;
+  m.parallel(1, [&](int) { cond = m.backbone.run_method("condition", m.ids(req.ids)).toTensor(); });
   auto gen = at::make_generator<at::CPUGeneratorImpl>(req.seed);
   torch::Tensor eps = at::randn({1, m.manifest.clipTokens, m.manifest.clipWidth}, gen, torch::kFloat32).to(m.device);
-  m.negative = m.runDit(cond, eps, req.dit, hooks, false);
+  StageClock clock;
+  m.negative = m.runDit(cond, eps, req.dit, hooks, false, clock);
 }
 
 GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks) {
@@ -242,12 +343,14 @@ GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks
   auto t0 = Clock::now(), stage = t0;
 
   // One condition call per prompt: prompts differ in length and are never padded.
-  std::vector<torch::Tensor> conds;
-  for (int b = 0; b < B; ++b) {
-    hooks.check();
-    conds.push_back(m.backbone.run_method("condition", m.ids(req.prompts[b])).toTensor());
-    if (hooks.progress) hooks.progress("condition", b + 1, B);
-  }
+  hooks.check();
+  std::vector<torch::Tensor> conds(B);
+  m.parallel(B, [&](int b) {
+    conds[b] = m.spans.time(b, [&] { return m.backbone.run_method("condition", m.ids(req.prompts[b])).toTensor(); });
+  });
+  result.conditionCallMs = m.spans.takeUnionMs();
+  if (hooks.progress)
+    for (int b = 0; b < B; ++b) hooks.progress("condition", b + 1, B);
   // Noise per sample from its own generator, so a sample never depends on its batch.
   std::vector<torch::Tensor> epsDit, epsDec;
   for (int b = 0; b < B; ++b) {
@@ -259,21 +362,32 @@ GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks
   result.conditionMs = msSince(stage);
 
   stage = Clock::now();
-  torch::Tensor features = m.runDit(torch::cat(conds), torch::cat(epsDit).to(m.device), req.dit, hooks, true);
+  StageClock dit;
+  torch::Tensor features = m.runDit(torch::cat(conds), torch::cat(epsDit).to(m.device), req.dit, hooks, true, dit);
   m.sync();
   result.ditMs = msSince(stage);
+  result.ditCallMs = dit.callMs;
+  result.ditStepMs = std::move(dit.stepMs);
 
   stage = Clock::now();
-  torch::Tensor z = m.runDecoder(features, torch::cat(epsDec).to(m.device) * req.decoderInitSigma, req, hooks);
+  StageClock decoder;
+  torch::Tensor z = torch::cat(epsDec).to(m.device) * req.decoderInitSigma;
+  m.runDecoder(features, z, req, hooks, decoder);
   m.sync();
   result.decoderMs = msSince(stage);
+  result.decoderCallMs = decoder.callMs;
+  result.decoderStepMs = std::move(decoder.stepMs);
 
   stage = Clock::now();
   hooks.check();
-  torch::Tensor image = m.perSample(z.size(0), [&](int64_t b, int64_t n) {
-    return m.call(m.vae, {(z.narrow(0, b, n) / mf.vaeScalingFactor).to(m.dtype)}).to(torch::kFloat32);
+  auto groups = m.groups(B);
+  std::vector<torch::Tensor> images(groups.size());
+  m.parallel(groups.size(), [&](int g) {
+    torch::Tensor latents = (z.narrow(0, groups[g].first, groups[g].second) / mf.vaeScalingFactor).to(m.dtype);
+    images[g] = m.spans.time(g, [&] { return m.call(m.vae, {latents}); }).to(torch::kFloat32);
   });
-  torch::Tensor pixels = (image / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch::kUInt8);
+  result.vaeCallMs = m.spans.takeUnionMs();
+  torch::Tensor pixels = (torch::cat(images) / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch::kUInt8);
   pixels = pixels.permute({0, 2, 3, 1}).contiguous().cpu();
   result.vaeMs = msSince(stage);
   if (hooks.progress) hooks.progress("vae", 1, 1);

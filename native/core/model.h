@@ -15,6 +15,7 @@ namespace blip3o {
 struct LoadOptions {
   std::string device = "auto";  // auto | cpu | cuda
   std::string dtype = "auto";   // auto | float32 | bfloat16 | float16
+  int threads = 1;              // CPU: how many samples of a batch run at once (one core each)
 };
 
 struct RuntimeInfo {

@@ -34,7 +34,11 @@ struct GenerateRequest {
 struct GenerateResult {
   std::vector<uint8_t> pixels;  // count * height * width * 3, HWC per image
   int64_t count = 0, width = 0, height = 0;
-  double conditionMs = 0, ditMs = 0, decoderMs = 0, vaeMs = 0, totalMs = 0;
+  double conditionMs = 0, ditMs = 0, decoderMs = 0, vaeMs = 0, totalMs = 0;  // stage wall times
+  // Wall time inside TorchScript calls per stage (overlapping calls of a batch counted once), and
+  // the wall time of every loop step: what the runtime adds is the rest.
+  double conditionCallMs = 0, ditCallMs = 0, decoderCallMs = 0, vaeCallMs = 0;
+  std::vector<double> ditStepMs, decoderStepMs;
 };
 
 struct DescribeRequest {

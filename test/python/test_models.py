@@ -17,7 +17,7 @@ import torch.nn as nn
 from models import export as export_mod
 from models.export import build_modules, copy_tokenizer, export, script_module
 from models.presets import get_preset
-from models.sample import Bundle, generate
+from bench.reference import Bundle, generate
 from models.tokenizer import SPECIAL_TOKENS, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,67 @@
+#!/usr/bin/env node
+// CUDA correctness against CPU on one bundle, through the public API (dist/): the same prompts and
+// seeds on cpu/float32, cuda/float32 and cuda/bfloat16; largest pixel difference per dtype and whether
+// describe gives the same answers. Prints one JSON object.
+//   node bench/cuda-check.js [BUNDLE_DIR]
+'use strict';
+const path = require('node:path');
+const { loadModel, runtimeInfo } = require(path.join(__dirname, '..', 'dist', 'index.js'));
+
+const prompts = [
+  'a large red circle at the center on a white background',
+  'a small blue square at the top left on a black background',
+  'two green triangles on a gray background',
+  'a yellow square above a purple circle on a white background',
+];
+const seeds = [1, 2, 3, 4];
+
+async function run(dir, device, dtype) {
+  const model = await loadModel(dir, { device, dtype });
+  try {
+    const images = [];
+    for (let i = 0; i < prompts.length; i++) images.push(await model.generate(prompts[i], { seed: seeds[i], format: 'png' }));
+    const batch = await model.generate(prompts, { seed: 1 });
+    const answers = [];
+    for (const img of images) answers.push(await model.describe(img.image, undefined, { maxTokens: 24 }));
+    return { info: model.info(), images, batch, answers };
+  } finally {
+    await model.dispose();
+  }
+}
+
+async function raw(png) {
+  const sharp = require('sharp');
+  return sharp(png).raw().toBuffer();
+}
+
+async function maxDiff(as, bs) {
+  let max = 0;
+  for (let i = 0; i < as.length; i++) {
+    const [a, b] = [await raw(as[i].image), await raw(bs[i].image)];
+    for (let j = 0; j < a.length; j++) max = Math.max(max, Math.abs(a[j] - b[j]));
+  }
+  return max;
+}
+
+(async () => {
+  const dir = path.resolve(process.argv[2] || path.join(__dirname, '..', 'models', 'tiny'));
+  const cpu = await run(dir, 'cpu', 'float32');
+  const f32 = await run(dir, 'cuda', 'float32');
+  const bf16 = await run(dir, 'cuda', 'bfloat16');
+  console.log(JSON.stringify({
+    runtime: runtimeInfo(),
+    bundle: dir,
+    prompts, seeds,
+    correctness: {
+      fp32MaxPixelDiff: await maxDiff(cpu.images, f32.images),
+      bf16MaxPixelDiff: await maxDiff(cpu.images, bf16.images),
+      fp32BatchVsAloneMaxPixelDiff: await maxDiff(f32.images, f32.batch),
+      describeSame: f32.answers.every((a, i) => a === cpu.answers[i]),
+      describeSameBf16: bf16.answers.every((a, i) => a === cpu.answers[i]),
+    },
+    answers: { cpu: cpu.answers, cudaFloat32: f32.answers, cudaBfloat16: bf16.answers },
+  }, null, 2));
+})().catch((err) => {
+  console.error(`cuda-check: ${err.stack || err}`);
+  process.exit(1);
+});

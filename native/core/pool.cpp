@@ -1,0 +1,86 @@
+#include "pool.h"
+
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/jit/python/update_graph_executor_opt.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <utility>
+
+namespace blip3o {
+
+int defaultThreads() { return int(std::clamp(std::thread::hardware_concurrency(), 1u, 8u)); }
+
+void setComputeThreads(int n) {
+  // ATen initialises a thread's count lazily from the last count set by any thread; do that first,
+  // so that it cannot later overwrite the count set here.
+  at::internal::lazy_init_num_threads();
+  at::set_num_threads(n);
+  using SetThreads = void (*)(int);
+  if (auto fn = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) fn(1);
+}
+
+WorkerPool::WorkerPool(int size) {
+  for (int i = 1; i < size; ++i) threads_.emplace_back([this] { loop(); });
+}
+
+WorkerPool::~WorkerPool() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    closed_ = true;
+  }
+  wake_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
+void WorkerPool::run(int count, const std::function<void(int)>& task) {
+  if (count <= 0) return;
+  if (count == 1 || threads_.empty()) {  // nothing to share: no handoff
+    for (int i = 0; i < count; ++i) task(i);
+    return;
+  }
+  std::unique_lock<std::mutex> lock(mutex_);
+  task_ = &task;
+  count_ = count;
+  next_ = 0;
+  pending_ = count;
+  error_ = nullptr;
+  wake_.notify_all();
+  work(lock);  // the caller takes its share too
+  finished_.wait(lock, [this] { return pending_ == 0; });
+  task_ = nullptr;
+  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+}
+
+void WorkerPool::work(std::unique_lock<std::mutex>& lock) {
+  // Claim tasks until none is left; the other threads claim the rest concurrently.
+  while (next_ < count_) {
+    const int index = next_++;
+    const std::function<void(int)>& task = *task_;
+    lock.unlock();
+    std::exception_ptr error;
+    try {
+      task(index);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    lock.lock();
+    if (error && !error_) error_ = error;
+    if (--pending_ == 0) finished_.notify_one();
+  }
+}
+
+void WorkerPool::loop() {
+  setComputeThreads(1);
+  c10::InferenceMode inference;
+  torch::jit::setGraphExecutorOptimize(false);  // see Executor::loop
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (true) {
+    wake_.wait(lock, [this] { return closed_ || next_ < count_; });
+    if (closed_) return;
+    work(lock);
+  }
+}
+
+}  // namespace blip3o

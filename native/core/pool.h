@@ -1,0 +1,49 @@
+// CPU threading: the worker pool that runs a batch's per-sample module calls concurrently, and the
+// thread settings of libtorch and BLAS that the pool and the executor rely on.
+#pragma once
+
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace blip3o {
+
+// The default number of CPU threads of a model: the machine's cores, at most 8.
+int defaultThreads();
+
+// Sets this thread's ATen intra-op threads, and OpenBLAS's (process-wide) to 1: OpenBLAS's pool
+// does not follow ATen's, and both pools busy-wait on the same cores.
+void setComputeThreads(int n);
+
+// `size` compute threads for one caller: the caller itself plus size - 1 workers, each with one
+// intra-op thread, c10::InferenceMode and the graph executor's re-optimisation off (the settings of
+// the executor thread, the caller). Every sample's calls thus run with the same single-thread
+// settings, wherever they run, so a sample's bytes depend neither on its batch nor on `size`.
+class WorkerPool {
+ public:
+  explicit WorkerPool(int size);
+  ~WorkerPool();
+  WorkerPool(const WorkerPool&) = delete;
+  WorkerPool& operator=(const WorkerPool&) = delete;
+
+  // Runs task(0) .. task(count - 1) on the caller and the workers, returns when all are done and
+  // rethrows the first exception a task threw. One run at a time (the executor thread calls it).
+  void run(int count, const std::function<void(int)>& task);
+
+ private:
+  void loop();
+  void work(std::unique_lock<std::mutex>& lock);
+
+  std::mutex mutex_;
+  std::condition_variable wake_, finished_;
+  const std::function<void(int)>* task_ = nullptr;
+  int count_ = 0, next_ = 0, pending_ = 0;
+  bool closed_ = false;
+  std::exception_ptr error_;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace blip3o
