@@ -44,7 +44,8 @@ const modelOptionsHelp = `  --model DIR               bundle directory (default:
   --device auto|cpu|cuda    device (default auto: CUDA when available)
   --dtype auto|float32|bfloat16|float16
                             compute dtype (default auto)
-  --threads N               CPU threads, 0 = default (default 0)`;
+  --threads N               CPU threads: samples computed at once, one core each;
+                            0 = the number of cores, at most 8 (default 0)`;
 
 const commandHelp: Record<string, string> = {
   generate: `Usage: blip3o generate PROMPT -o FILE [options]
