@@ -4,22 +4,10 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { packageRoot } from './native';
+import { packageRoot, type NativeGenerateTimings } from './native';
 
-/** Per-stage wall ms, ms inside the TorchScript calls, and per-step wall ms (the native names). */
-export interface ReferenceTimings {
-  conditionMs: number;
-  ditMs: number;
-  decoderMs: number;
-  vaeMs: number;
-  totalMs: number;
-  conditionCallMs: number;
-  ditCallMs: number;
-  decoderCallMs: number;
-  vaeCallMs: number;
-  ditStepMs: number[];
-  decoderStepMs: number[];
-}
+/** Per-stage wall ms, ms inside the TorchScript calls, and per-step wall ms, named as the runtime's. */
+export type ReferenceTimings = NativeGenerateTimings;
 
 export interface ReferenceImage {
   width: number;

@@ -14,6 +14,7 @@ import {
   type Device,
   type Dtype,
   type NativeDescribeResult,
+  type NativeGenerateTimings,
   type NativeJob,
   type NativeModel,
   type NativeRuntimeInfo,
@@ -41,28 +42,14 @@ import { PromptTokenizer } from './tokenizer';
 /** The bundle shipped with the package: the tiny model trained on the shapes world. */
 export const bundledModelDir = path.join(packageRoot, 'models', 'tiny');
 
-export interface GenerateTimings {
-  /** Backbone conditioning, all prompts of the call. */
-  conditionMs: number;
-  ditMs: number;
-  decoderMs: number;
-  vaeMs: number;
+/**
+ * The native stage timings (conditionMs .. vaeMs, the *CallMs spent inside the TorchScript modules with
+ * the concurrent calls of a batch counted once, ditStepMs and decoderStepMs), plus the image encoding;
+ * totalMs is the whole call, from validation to encoded images.
+ */
+export interface GenerateTimings extends NativeGenerateTimings {
   /** PNG/JPEG/WebP encoding. */
   encodeMs: number;
-  /** The whole call, from validation to encoded images. */
-  totalMs: number;
-  /**
-   * Wall time spent inside the TorchScript modules, per stage (the calls of a batch that ran
-   * concurrently counted once). Stage time minus call time is what the runtime adds.
-   */
-  conditionCallMs: number;
-  ditCallMs: number;
-  decoderCallMs: number;
-  vaeCallMs: number;
-  /** Wall time of each DiT step, in order (the step's calls, guidance, update and progress). */
-  ditStepMs: number[];
-  /** Wall time of each decoder step, in order. */
-  decoderStepMs: number[];
 }
 
 export interface GenerateResult {
@@ -284,18 +271,9 @@ export class Blip3oModel {
     );
     const finished = performance.now();
     const timings: GenerateTimings = {
-      conditionMs: result.timings.conditionMs,
-      ditMs: result.timings.ditMs,
-      decoderMs: result.timings.decoderMs,
-      vaeMs: result.timings.vaeMs,
+      ...result.timings,
       encodeMs: finished - encodeStarted,
       totalMs: finished - started,
-      conditionCallMs: result.timings.conditionCallMs,
-      ditCallMs: result.timings.ditCallMs,
-      decoderCallMs: result.timings.decoderCallMs,
-      vaeCallMs: result.timings.vaeCallMs,
-      ditStepMs: result.timings.ditStepMs,
-      decoderStepMs: result.timings.decoderStepMs,
     };
     const samples = images.map((bytes, index) => ({
       image: bytes,
