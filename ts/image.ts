@@ -7,7 +7,7 @@ import { open, rename, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import sharp from 'sharp';
 import { InvalidArgumentError } from './errors';
-import type { ImageFormat } from './options';
+import { invalidOption, type ImageFormat } from './options';
 import { roundHalfEven } from './numeric';
 
 /** An image given to describe: encoded bytes (PNG, JPEG, WebP, ...) or a file path. */
@@ -77,8 +77,8 @@ function checkImageInput(input: unknown): asserts input is ImageInput {
     if (input.length === 0) throw new InvalidArgumentError('Expected image file path or Buffer for image but received an empty Buffer');
     return;
   }
-  const type = input === null ? 'null' : typeof input;
-  throw new InvalidArgumentError(`Expected image file path or Buffer for image but received ${String(input)} of type ${type}`);
+  // invalidOption describes any value safely (String() throws on an object without a prototype).
+  throw invalidOption('image', 'image file path or Buffer', input);
 }
 
 function imageError(input: ImageInput, err: unknown): InvalidArgumentError {

@@ -18,6 +18,8 @@ export const maxSteps = 1000;
 export const defaultMaxBatch = 8;
 /** Default maxQueue: generate calls waiting to run. */
 export const defaultMaxQueue = 64;
+/** Most CPU threads a model may ask for (the native executor's limit). */
+export const maxThreads = 4096;
 /** Default input pixel limit for images given to describe (width * height). */
 export const defaultLimitInputPixels = 4096 * 4096;
 
@@ -150,6 +152,12 @@ function optional<T>(record: Record<string, unknown>, name: string, check: (valu
   return value;
 }
 
+/** An integer option past its upper bound (the native side would refuse it with an internal name). */
+function atMost(name: string, value: number | undefined, max: number, min = 0): number | undefined {
+  if (value !== undefined && value > max) throw invalidOption(name, `integer between ${min} and ${max}`, value);
+  return value;
+}
+
 function oneOf<T extends string>(values: readonly T[]): (value: unknown) => value is T {
   return (value: unknown): value is T => typeof value === 'string' && (values as readonly string[]).includes(value);
 }
@@ -179,7 +187,7 @@ export function validateLoadOptions(options: unknown): ValidatedLoadOptions {
   return {
     device: optional(record, 'device', oneOf(deviceRequests), choiceText(deviceRequests)) ?? 'auto',
     dtype: optional(record, 'dtype', oneOf(dtypeRequests), choiceText(dtypeRequests)) ?? 'auto',
-    threads: optional(record, 'threads', isNonNegativeInteger, 'non-negative integer') ?? 0,
+    threads: atMost('threads', optional(record, 'threads', isNonNegativeInteger, 'non-negative integer'), maxThreads) ?? 0,
     maxBatch: optional(record, 'maxBatch', isPositiveInteger, 'positive integer') ?? defaultMaxBatch,
     maxQueue: optional(record, 'maxQueue', isPositiveInteger, 'positive integer') ?? defaultMaxQueue,
   };
@@ -226,11 +234,12 @@ export function validateDescribeOptions(options: unknown, call = 'describe'): Va
   return {
     maxTokens: optional(record, 'maxTokens', isPositiveInteger, 'positive integer') ?? 128,
     temperature: optional(record, 'temperature', isScale, 'finite number >= 0') ?? 0,
-    topK: optional(record, 'topK', isNonNegativeInteger, 'non-negative integer') ?? 0,
+    topK: atMost('topK', optional(record, 'topK', isNonNegativeInteger, 'non-negative integer'), maxSeed) ?? 0,
     topP: optional(record, 'topP', isProbability, 'number greater than 0 and at most 1') ?? 1,
     seed: optional(record, 'seed', isSeed, seedText),
     limitInputPixels:
-      optional(record, 'limitInputPixels', isPositiveInteger, 'positive integer') ?? defaultLimitInputPixels,
+      atMost('limitInputPixels', optional(record, 'limitInputPixels', isPositiveInteger, 'positive integer'), maxSeed, 1) ??
+      defaultLimitInputPixels,
     signal: optional(record, 'signal', isSignal, 'AbortSignal'),
   };
 }

@@ -92,9 +92,15 @@ export class PromptTokenizer {
     return this.encode(fillTemplate(this.templates.generation, { prompt }));
   }
 
-  /** The negative prompt, tokenized raw (no template). */
+  /** The negative prompt, tokenized raw (no template); it must give at least one token. */
   negativeIds(): number[] {
-    return this.encode(this.templates.negative);
+    const ids = this.encode(this.templates.negative);
+    if (ids.length === 0) {
+      throw new BundleError(
+        `manifest.json: templates.negative ${JSON.stringify(this.templates.negative)} gives no tokens; the negative prompt needs at least one (BLIP3-o's is " ")`,
+      );
+    }
+    return ids;
   }
 
   /**

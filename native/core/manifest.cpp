@@ -68,8 +68,9 @@ class Fields {
     if (n < min || n > max) fail(path, std::string("must be ") + what);
     return n;
   }
-  int64_t positiveInt(const std::string& path) const {
-    return integer(path, 1, INT32_MAX, "a positive integer");
+  // Bounded, so that a hostile manifest cannot make the runtime allocate or loop without end.
+  int64_t positiveInt(const std::string& path, int64_t max) const {
+    return integer(path, 1, max, ("a positive integer (at most " + std::to_string(max) + ")").c_str());
   }
 
   double number(const std::string& path, bool positive) const {
@@ -109,7 +110,8 @@ bool isLowerHex64(const std::string& s) {
 
 // Resolves a manifest file path, refusing anything that could escape the bundle directory.
 std::string resolveInside(const fs::path& dir, const std::string& field, const std::string& rel) {
-  if (rel.empty()) fail(field, "must be a non-empty string");
+  if (rel.empty() || rel.size() > 4096) fail(field, "must be a non-empty string of at most 4096 bytes");
+  if (rel.find('\0') != std::string::npos) fail(field, "must not contain NUL characters");
   if (fs::path(rel).is_absolute() || rel[0] == '/' || rel[0] == '\\')
     fail(field, "must be a relative path (got \"" + rel + "\")");
   std::stringstream parts(rel);
@@ -155,8 +157,9 @@ Manifest readManifest(const std::string& dirArg) {
   if (!f.at("format").is_string() || f.at("format").get<std::string>() != "blip3o-bundle")
     fail("format", "must be \"blip3o-bundle\"");
   const json& version = f.at("formatVersion");
-  if (!version.is_number_integer() || version.get<int64_t>() != kFormatVersion)
-    throw Error(ErrorCode::Bundle, "unsupported bundle format version " + version.dump() +
+  if (!version.is_number_integer() || version.get<int64_t>() != kFormatVersion)  // a number is shown, never a tree
+    throw Error(ErrorCode::Bundle, "unsupported bundle format version " +
+                                       (version.is_number() ? version.dump() : std::string("of type ") + version.type_name()) +
                                        " (this runtime reads " + std::to_string(kFormatVersion) + ")");
 
   m.name = f.string("name");
@@ -178,36 +181,42 @@ Manifest readManifest(const std::string& dirArg) {
     m.files[it.key()] = file;
   }
 
-  m.imageWidth = f.positiveInt("image.width");
-  m.imageHeight = f.positiveInt("image.height");
+  m.imageWidth = f.positiveInt("image.width", 16384);
+  m.imageHeight = f.positiveInt("image.height", 16384);
 
   auto& b = m.backbone;
-  b.hidden = f.positiveInt("backbone.hidden");
-  b.layers = f.positiveInt("backbone.layers");
-  b.heads = f.positiveInt("backbone.heads");
-  b.kvHeads = f.positiveInt("backbone.kvHeads");
-  b.headDim = f.positiveInt("backbone.headDim");
-  b.vocab = f.positiveInt("backbone.vocab");
-  b.context = f.positiveInt("backbone.context");
-  b.queryTokens = f.positiveInt("backbone.queryTokens");
+  b.hidden = f.positiveInt("backbone.hidden", 65536);
+  b.layers = f.positiveInt("backbone.layers", 1024);
+  b.heads = f.positiveInt("backbone.heads", 1024);
+  b.kvHeads = f.positiveInt("backbone.kvHeads", 1024);
+  b.headDim = f.positiveInt("backbone.headDim", 1024);
+  b.vocab = f.positiveInt("backbone.vocab", 1 << 24);
+  b.context = f.positiveInt("backbone.context", 1 << 20);
+  b.queryTokens = f.positiveInt("backbone.queryTokens", 4096);
   if (b.heads % b.kvHeads != 0) fail("backbone.kvHeads", "must divide backbone.heads");
   if (b.queryTokens >= b.context) fail("backbone.queryTokens", "must be smaller than backbone.context");
 
   auto& v = m.vision;
-  v.patch = f.positiveInt("vision.patch");
-  v.merge = f.positiveInt("vision.merge");
-  v.minPixels = f.positiveInt("vision.minPixels");
-  v.maxPixels = f.positiveInt("vision.maxPixels");
+  v.patch = f.positiveInt("vision.patch", 1024);
+  v.merge = f.positiveInt("vision.merge", 64);
+  v.minPixels = f.positiveInt("vision.minPixels", 1 << 28);
+  v.maxPixels = f.positiveInt("vision.maxPixels", 1 << 28);
   if (v.minPixels > v.maxPixels) fail("vision.minPixels", "must not exceed vision.maxPixels");
   v.mean = f.triple("vision.mean", false);
   v.std = f.triple("vision.std", true);
 
-  m.clipTokens = f.positiveInt("clip.tokens");
-  m.clipWidth = f.positiveInt("clip.width");
-  m.latentChannels = f.positiveInt("latent.channels");
-  m.latentHeight = f.positiveInt("latent.height");
-  m.latentWidth = f.positiveInt("latent.width");
+  m.clipTokens = f.positiveInt("clip.tokens", 65536);
+  m.clipWidth = f.positiveInt("clip.width", 65536);
+  m.latentChannels = f.positiveInt("latent.channels", 1024);
+  m.latentHeight = f.positiveInt("latent.height", 4096);
+  m.latentWidth = f.positiveInt("latent.width", 4096);
   m.vaeScalingFactor = f.number("vae.scalingFactor", true);
+  // The DiT lays the CLIP tokens on a square grid; the VAE scales both latent axes by one factor.
+  const int64_t grid = int64_t(std::llround(std::sqrt(double(m.clipTokens))));
+  if (grid * grid != m.clipTokens) fail("clip.tokens", "must be a square number (the tokens form a square grid)");
+  if (m.imageWidth % m.latentWidth || m.imageHeight % m.latentHeight ||
+      m.imageWidth / m.latentWidth != m.imageHeight / m.latentHeight)
+    fail("image", "width and height must be the same multiple of latent.width and latent.height");
 
   const std::string tokenRange = "a token id in [0, backbone.vocab)";
   m.imgToken = f.integer("tokens.img", 0, b.vocab - 1, tokenRange.c_str());
@@ -231,18 +240,18 @@ Manifest readManifest(const std::string& dirArg) {
     if (m.understandingTemplate.find(placeholder) == std::string::npos)
       fail("templates.understanding", std::string("must contain ") + placeholder);
 
-  m.dit.steps = f.positiveInt("sampler.dit.steps");
+  m.dit.steps = f.positiveInt("sampler.dit.steps", kMaxSteps);
   m.dit.cfg = f.number("sampler.dit.cfg", false);
   m.dit.shift = f.number("sampler.dit.shift", true);
   auto& d = m.decoder;
-  d.steps = f.positiveInt("sampler.decoder.steps");
+  d.steps = f.positiveInt("sampler.decoder.steps", kMaxSteps);
   d.cfg = f.number("sampler.decoder.cfg", false);
-  d.numTrainTimesteps = f.positiveInt("sampler.decoder.numTrainTimesteps");
+  d.numTrainTimesteps = f.positiveInt("sampler.decoder.numTrainTimesteps", 100000);
   d.betaStart = f.number("sampler.decoder.betaStart", true);
   d.betaEnd = f.number("sampler.decoder.betaEnd", true);
   d.betaSchedule = f.oneOf("sampler.decoder.betaSchedule", {"linear", "scaled_linear"});
   d.timestepSpacing = f.oneOf("sampler.decoder.timestepSpacing", {"leading", "trailing", "linspace"});
-  d.stepsOffset = f.integer("sampler.decoder.stepsOffset", 0, INT32_MAX, "a non-negative integer");
+  d.stepsOffset = f.integer("sampler.decoder.stepsOffset", 0, d.numTrainTimesteps - 1, "an integer in [0, numTrainTimesteps)");
   d.predictionType = f.oneOf("sampler.decoder.predictionType", {"epsilon", "sample", "v_prediction"});
   if (d.steps > d.numTrainTimesteps) fail("sampler.decoder.steps", "must not exceed sampler.decoder.numTrainTimesteps");
   m.negativeSeed = f.integer("sampler.negativeSeed", 0, (int64_t(1) << 53) - 1, "an integer in [0, 2^53)");

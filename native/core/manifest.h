@@ -10,6 +10,9 @@
 
 namespace blip3o {
 
+// Most sampler steps of a manifest or a request (ts/options.ts has the same limit for the API).
+constexpr int64_t kMaxSteps = 1000;
+
 struct BundleFile {
   std::string path;      // as written in the manifest (relative)
   std::string realPath;  // resolved absolute path inside the bundle dir

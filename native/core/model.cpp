@@ -134,6 +134,19 @@ struct Model::Impl {
 
   torch::Tensor call(torch::jit::Module& m, std::vector<torch::IValue> args) { return m.forward(std::move(args)).toTensor(); }
 
+  // A module's output must have the shape the loop relies on: a smaller one would otherwise broadcast
+  // silently into the in-place updates (garbage, no error).
+  static void expectShape(const char* what, const torch::Tensor& t, at::IntArrayRef shape) {
+    if (t.sizes() == shape) return;
+    throw Error(ErrorCode::Runtime, std::string(what) + " returned a tensor of shape " + shapeText(t.sizes()) +
+                                        ", expected " + shapeText(shape));
+  }
+  static std::string shapeText(at::IntArrayRef shape) {
+    std::string out = "[";
+    for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+    return out + "]";
+  }
+
   // The sample ranges [first, first + count) that each run as one module call. On CPU one per
   // sample: OpenBLAS GEMMs and oneDNN convolutions round a row differently depending on the batch
   // size, so only a call shaped exactly like the one-sample call gives that sample's bytes; the
@@ -180,7 +193,9 @@ struct Model::Impl {
         const int64_t n = g.x.size(0);
         g.in.narrow(0, 0, n).copy_(g.x);
         g.in.narrow(0, n, n).copy_(g.x);
-        torch::Tensor out = spans.time(gi, [&] { return call(dit, {g.in, g.t[i], g.cond}); }).to(torch::kFloat32);
+        torch::Tensor out = spans.time(gi, [&] { return call(dit, {g.in, g.t[i], g.cond}); });
+        expectShape("dit.pt", out, g.in.sizes());
+        out = out.to(torch::kFloat32);
         torch::Tensor vu = out.narrow(0, 0, n), vc = out.narrow(0, n, n);
         g.x.add_((vc - vu).mul_(s.cfg).add_(vu).mul_(dsigma));
       });
@@ -216,7 +231,9 @@ struct Model::Impl {
         torch::Tensor zin = g.z / std::sqrt(s * s + 1);
         g.in.narrow(0, 0, n).copy_(zin);
         g.in.narrow(0, n, n).copy_(zin);
-        torch::Tensor o = spans.time(gi, [&] { return call(decoder, {g.in, g.t[i], g.features}); }).to(torch::kFloat32);
+        torch::Tensor o = spans.time(gi, [&] { return call(decoder, {g.in, g.t[i], g.features}); });
+        expectShape("decoder.pt", o, g.in.sizes());
+        o = o.to(torch::kFloat32);
         torch::Tensor oc = o.narrow(0, 0, n), on = o.narrow(0, n, n);
         torch::Tensor out = (oc - on).mul_(req.decoderCfg).add_(on);  // on + cfg (oc - on)
         torch::Tensor denoised;
@@ -384,7 +401,9 @@ GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks
   std::vector<torch::Tensor> images(groups.size());
   m.parallel(groups.size(), [&](int g) {
     torch::Tensor latents = (z.narrow(0, groups[g].first, groups[g].second) / mf.vaeScalingFactor).to(m.dtype);
-    images[g] = m.spans.time(g, [&] { return m.call(m.vae, {latents}); }).to(torch::kFloat32);
+    torch::Tensor image = m.spans.time(g, [&] { return m.call(m.vae, {latents}); });
+    Impl::expectShape("vae.pt", image, {groups[g].second, 3, mf.imageHeight, mf.imageWidth});
+    images[g] = image.to(torch::kFloat32);
   });
   result.vaeCallMs = m.spans.takeUnionMs();
   torch::Tensor pixels = (torch::cat(images) / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch::kUInt8);
@@ -423,6 +442,7 @@ DescribeResult Model::describe(const DescribeRequest& req, const JobHooks& hooks
     embeds = embeds.clone();
     embeds[0].index_put_({slots}, image.to(embeds.dtype()));
   }
+  hooks.check();  // between the image encoder and the prefill
   torch::Tensor cache = m.backbone.run_method("new_cache", 1, L + req.maxTokens).toTensor();
   torch::Tensor logits = m.backbone.run_method("prefill", embeds, cache).toTensor();
   m.sync();

@@ -22,6 +22,8 @@ void checkIds(const Manifest& m, const std::vector<int64_t>& ids, const std::str
 void checkSchedule(const std::vector<double>& sigmas, const std::vector<double>& timesteps,
                    const std::string& prefix, bool positiveSigmas) {
   if (timesteps.empty()) invalid(prefix + "Timesteps must not be empty");
+  if (int64_t(timesteps.size()) > kMaxSteps)
+    invalid(prefix + "Timesteps must have at most " + std::to_string(kMaxSteps) + " values");
   if (sigmas.size() != timesteps.size() + 1)
     invalid(prefix + "Sigmas must have " + prefix + "Timesteps.length + 1 = " + std::to_string(timesteps.size() + 1) +
             " values (got " + std::to_string(sigmas.size()) + ")");
