@@ -91,17 +91,8 @@ std::vector<int64_t> Args::integers(const char* key, int64_t min, int64_t max) c
 }
 
 std::vector<uint64_t> Args::seeds(const char* key) const {
-  Napi::Value v = get(key);
-  if (!v.IsArray()) fail(key, "must be an array of integers in [0, 2^53)");
-  Napi::Array a = v.As<Napi::Array>();
-  std::vector<uint64_t> out(a.Length());
-  for (uint32_t i = 0; i < a.Length(); ++i) {
-    int64_t n;
-    if (!readInteger(a.Get(i), 0, int64_t(kMaxSafe) - 1, n))
-      fail(std::string(key) + "[" + std::to_string(i) + "]", "must be an integer in [0, 2^53)");
-    out[i] = uint64_t(n);
-  }
-  return out;
+  std::vector<int64_t> n = integers(key, 0, int64_t(kMaxSafe) - 1);
+  return std::vector<uint64_t>(n.begin(), n.end());
 }
 
 std::vector<std::vector<int64_t>> Args::integerLists(const char* key, int64_t min, int64_t max) const {
