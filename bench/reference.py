@@ -77,17 +77,21 @@ class Bundle:
 
 
 def dit_loop(b: Bundle, cond: Tensor, x: Tensor, sigmas: Tensor, timesteps: Tensor, cfg: float, t: Dict) -> Tensor:
-    """The DiT's flow-matching loop with CFG as one batch ([uncond, cond]); x stays float32."""
-    uncond_cond = torch.cat([torch.zeros_like(cond), cond])
+    """The DiT's flow-matching loop with CFG as one batch ([uncond, cond]; the conditional branch alone at
+    guidance 1 or less, as diffusers does); x stays float32."""
+    guided = cfg > 1
+    uncond_cond = torch.cat([torch.zeros_like(cond), cond]) if guided else cond
     timesteps = timesteps.to(b.device)
     for i in range(len(timesteps)):
         step = time.perf_counter()
-        x_in = torch.cat([x, x]).to(b.dtype)
+        x_in = (torch.cat([x, x]) if guided else x).to(b.dtype)
         call = time.perf_counter()
-        v = b.dit(x_in, timesteps[i].expand(2), uncond_cond)
+        v = b.dit(x_in, timesteps[i].expand(x_in.shape[0]), uncond_cond).float()
         t["ditCallMs"] += ms_since(call)
-        v_u, v_c = v.float().chunk(2)
-        x = x + (sigmas[i + 1] - sigmas[i]) * (v_u + cfg * (v_c - v_u))
+        if guided:
+            v_u, v_c = v.chunk(2)
+            v = v_u + cfg * (v_c - v_u)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
         t["ditStepMs"].append(ms_since(step))
     return x
 
@@ -128,29 +132,42 @@ def generate(b: Bundle, ids: List[int], negative_ids: List[int], seed: int, step
              decoder_cfg: Optional[float] = None) -> Tuple[np.ndarray, Dict]:
     """One image: HWC uint8 pixels and the timings (per stage: wall ms and ms inside the TorchScript calls;
     per step wall ms of both loops)."""
-    m, s = b.manifest, b.manifest["sampler"]
+    s = b.manifest["sampler"]
     neg = negative_features(b, negative_ids)
     started = time.perf_counter()
     t = new_timings()
     g = torch.Generator().manual_seed(seed)  # eps_dit, then eps_dec, from the same generator
     feats = features(b, ids, g, steps or s["dit"]["steps"], s["dit"]["cfg"] if cfg is None else cfg, t)
 
+    pixels = decode(b, feats, neg, g, decoder_steps, decoder_cfg, t)
+    t["totalMs"] = ms_since(started)
+    return pixels, t
+
+
+def decode(b: Bundle, feats: Tensor, neg: Tensor, g: torch.Generator, decoder_steps: Optional[int],
+           decoder_cfg: Optional[float], t: Dict) -> np.ndarray:
+    """The decoder's Euler discrete loop from randn(latent shape, g) on CLIP features [1,T,C] (CFG against
+    the negative features as one batch, none at guidance 1 as in diffusers), then the VAE: HWC uint8."""
+    m, dec = b.manifest, b.manifest["sampler"]["decoder"]
     start = time.perf_counter()
-    lat, dec = m["latent"], s["decoder"]
+    lat = m["latent"]
     eps = torch.randn([1, lat["channels"], lat["height"], lat["width"]], generator=g).to(b.device)
     sigmas, timesteps, init_sigma = euler_discrete_schedule(dec, decoder_steps or dec["steps"])
     guidance = dec["cfg"] if decoder_cfg is None else decoder_cfg
-    z, cond_neg, timesteps = eps * init_sigma, torch.cat([feats, neg]).to(b.dtype), timesteps.to(b.device)
+    guided = guidance > 1
+    cond = torch.cat([feats, neg]) if guided else feats
+    z, cond, timesteps = eps * init_sigma, cond.to(b.dtype), timesteps.to(b.device)
     for i in range(len(timesteps)):
         step = time.perf_counter()
         sigma = sigmas[i]
         z_in = (z / (sigma ** 2 + 1) ** 0.5).to(b.dtype)
         call = time.perf_counter()
-        out = b.decoder(torch.cat([z_in, z_in]), timesteps[i].expand(2), cond_neg)
+        out = b.decoder(torch.cat([z_in, z_in]) if guided else z_in, timesteps[i].expand(cond.shape[0]), cond)
         t["decoderCallMs"] += ms_since(call)
-        o_cond, o_neg = out.float().chunk(2)
-        out = o_neg + guidance * (o_cond - o_neg)
-        denoised = denoise(dec["predictionType"], z, out, sigma)
+        if guided:
+            o_cond, o_neg = out.float().chunk(2)
+            out = o_neg + guidance * (o_cond - o_neg)
+        denoised = denoise(dec["predictionType"], z, out.float(), sigma)
         z = z + (sigmas[i + 1] - sigma) * (z - denoised) / sigma
         t["decoderStepMs"].append(ms_since(step))
     b.sync()
@@ -162,8 +179,7 @@ def generate(b: Bundle, ids: List[int], negative_ids: List[int], seed: int, step
     t["vaeCallMs"] = ms_since(start)
     pixels = (image / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
     t["vaeMs"] = ms_since(start)
-    t["totalMs"] = ms_since(started)
-    return pixels, t
+    return pixels
 
 
 def denoise(prediction: str, z: Tensor, out: Tensor, sigma: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .layers import RMSNorm, SwiGLU, apply_rope, attention, repeat_kv, rope_1d, rope_2d
-from .presets import CLIP_MEAN, CLIP_STD, BackboneConfig, VisionConfig
+from .presets import BackboneConfig, VisionConfig
 
 
 class SelfAttention(nn.Module):
@@ -67,11 +67,15 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor]) -> Tensor:
-        N = x.shape[0]
-        q, k, v = self.qkv(x).view(N, 3, self.heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
+        """x [N, width] (one image) or [B, N, width] (a batch of same-size images, training)."""
+        batched = x.dim() == 3
+        xb = x if batched else x.unsqueeze(0)
+        B, N = xb.shape[0], xb.shape[1]
+        q, k, v = self.qkv(xb).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(q[None], k[None], v[None], mask)[0]  # [heads, N, d]
-        return self.proj(y.transpose(0, 1).reshape(N, -1))
+        y = attention(q, k, v, mask)  # [B, heads, N, d]
+        y = self.proj(y.transpose(1, 2).reshape(B, N, -1))
+        return y if batched else y[0]
 
 
 class VisionBlock(nn.Module):
@@ -99,6 +103,8 @@ class PatchMerger(nn.Module):
                                  nn.Linear(cfg.width * self.group, out_dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # a batch [B, N, width]
+            return self.mlp(self.ln_q(x).view(x.shape[0], x.shape[1] // self.group, -1))
         return self.mlp(self.ln_q(x).view(x.shape[0] // self.group, -1))
 
 
@@ -114,17 +120,19 @@ class VisionTower(nn.Module):
         self.blocks = nn.ModuleList([VisionBlock(cfg, cfg.window > 0 and i not in cfg.full_attention_layers)
                                      for i in range(cfg.layers)])
         self.merger = PatchMerger(cfg, out_dim)
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1))
 
     def forward(self, pixels: Tensor) -> Tensor:
-        x = (pixels.float() - self.pixel_mean.float()) / self.pixel_std.float()
-        x = self.patch_embed(x.to(self.patch_embed.weight.dtype))  # [1, D, gh, gw]
+        """pixels [1, 3, H, W] already normalised with the CLIP mean / std (the caller's job, as Qwen's
+        image processor does it) -> [H/28 * W/28, out_dim]; [B, 3, H, W] -> [B, H/28 * W/28, out_dim]."""
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # [1, D, gh, gw]
         D, gh, gw = x.shape[1], x.shape[2], x.shape[3]
         m = self.merge
         # order the patches merge-group by merge-group (row-major groups, row-major inside a group), so
         # that the merger can take 4 consecutive rows and its output is row-major over merged tokens
-        x = x.view(D, gh // m, m, gw // m, m).permute(1, 3, 2, 4, 0).reshape(gh * gw, D)
+        B = x.shape[0]
+        x = x.view(B, D, gh // m, m, gw // m, m).permute(0, 2, 4, 3, 5, 1).reshape(B, gh * gw, D)
+        if B == 1:
+            x = x[0]
         idx = torch.arange(gh * gw, device=x.device).view(gh // m, gw // m, m, m)
         group_row = torch.arange(gh // m, device=x.device).view(-1, 1, 1, 1)
         group_col = torch.arange(gw // m, device=x.device).view(1, -1, 1, 1)

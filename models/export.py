@@ -1,10 +1,11 @@
 """Export a BLIP3-o bundle (contract section 1): four TorchScript components, the tokenizer, manifest.json.
 
-    bash models/run-python.sh -m models.export --preset tiny --out models/tiny [--seed 0]
+    bash models/run-python.sh -m models.export --preset tiny --out /tmp/blip3o-tiny-random [--seed 0]
         [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--tokenizer DIR] [--backbone-layers N] ...
 
-Weights are a seeded random initialisation (trained or converted weights come later). The bundle is
-written into a temporary sibling directory and renamed into place, so a failed export leaves nothing.
+Weights are a seeded random initialisation here; models/recipe exports its trained ones through export().
+The bundle is written into a temporary sibling directory and renamed into place, so a failed export
+leaves nothing.
 """
 import argparse
 import hashlib
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,7 @@ from .dit import DiT
 from .presets import CLIP_MEAN, CLIP_STD, TEMPLATES, Preset, get_preset
 from .tokenizer import SPECIAL_TOKENS, write_tokenizer
 from .unet import UNet
-from .vae import AutoencoderKL
+from .vae import build_vae
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPONENT_FILES = {"backbone": "backbone.pt", "dit": "dit.pt", "decoder": "decoder.pt", "vae": "vae.pt",
@@ -47,7 +48,7 @@ def build_modules(preset: Preset, seed: int) -> Dict[str, nn.Module]:
     """The four components in eval mode, randomly initialised from `seed` (PyTorch's default inits)."""
     torch.manual_seed(seed)
     modules = {"backbone": Backbone(preset.backbone, preset.vision), "dit": DiT(preset.dit),
-               "decoder": UNet(preset.unet), "vae": AutoencoderKL(preset.vae)}
+               "decoder": UNet(preset.unet), "vae": build_vae(preset.vae)}
     with torch.no_grad():
         for block in modules["dit"].layers:
             # trained Lumina gates are far from their zero init; open them so the condition matters
@@ -56,7 +57,7 @@ def build_modules(preset: Preset, seed: int) -> Dict[str, nn.Module]:
 
 
 def script_module(name: str, module: nn.Module) -> torch.jit.ScriptModule:
-    if name == "vae":  # the bundle only decodes: leave the encoder (training only) out of the file
+    if name == "vae" and hasattr(module, "encoder"):  # the bundle only decodes: leave the encoder (training only) out of the file
         del module.encoder, module.quant_conv
     return torch.jit.script(module)
 
@@ -98,13 +99,14 @@ def token_ids(bundle: Path) -> Dict[str, int]:
     return ids
 
 
-def manifest(preset: Preset, dtype: str, bundle: Path) -> dict:
+def manifest(preset: Preset, dtype: str, bundle: Path, name: Optional[str] = None,
+             sampler: Optional[dict] = None) -> dict:
     ids = token_ids(bundle)
     if max(ids.values()) >= preset.backbone.vocab:
         raise ValueError(f"tokenizer id {max(ids.values())} is outside the model's vocabulary of {preset.backbone.vocab}")
     b, v, c, h, w = preset.backbone, preset.vision, preset.latent[0], preset.latent[1], preset.latent[2]
     return {
-        "format": "blip3o-bundle", "formatVersion": 1, "name": f"blip3o-{preset.name}-random",
+        "format": "blip3o-bundle", "formatVersion": 1, "name": name or f"blip3o-{preset.name}-random",
         "preset": preset.name, "dtype": dtype,
         "files": {k: {"path": f, "sha256": sha256(bundle / f)} for k, f in COMPONENT_FILES.items()},
         "image": {"width": preset.image[1], "height": preset.image[0]},
@@ -118,27 +120,29 @@ def manifest(preset: Preset, dtype: str, bundle: Path) -> dict:
         "tokens": {"img": ids["[IMG]"], "imagePad": ids["<|image_pad|>"],
                    "stop": sorted([ids["<|endoftext|>"], ids["<|im_end|>"]])},
         "templates": dict(TEMPLATES),
-        "sampler": SAMPLER,
+        "sampler": sampler or SAMPLER,
         "architecture": preset.to_dict(),
     }
 
 
 def export(preset: Preset, out: Path, seed: int = 0, dtype: str = "float32", device: str = "cpu",
-           tokenizer: Path = None) -> dict:
+           tokenizer: Path = None, modules: Optional[Dict[str, nn.Module]] = None, name: Optional[str] = None,
+           sampler: Optional[dict] = None) -> dict:
+    """Writes a bundle of `modules` (default: randomly initialised from `seed`)."""
     if preset.name != "tiny" and tokenizer is None:
         raise ValueError(f"preset {preset.name} needs --tokenizer DIR (a Qwen2.5 tokenizer.json + tokenizer_config.json)")
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for name, module in build_modules(preset, seed).items():
+        for key, module in (modules or build_modules(preset, seed)).items():
             module = module.to(device=device, dtype=DTYPES[dtype])
-            script_module(name, module).save(str(tmp / COMPONENT_FILES[name]))
+            script_module(key, module).save(str(tmp / COMPONENT_FILES[key]))
         if tokenizer is None:
             write_tokenizer(tmp, preset.backbone.vocab, preset.backbone.context)
         else:
             copy_tokenizer(tokenizer, tmp)
-        m = manifest(preset, dtype, tmp)
+        m = manifest(preset, dtype, tmp, name, sampler)
         (tmp / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
         tmp.chmod(0o755)
         if out.exists():  # swap: the old bundle disappears only once the new one is complete

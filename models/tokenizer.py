@@ -10,6 +10,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+import numpy as np
+
+from . import shapes
 from .presets import TEMPLATES
 
 # Order chosen so that the ids match the example manifest of the contract: the two stop tokens are
@@ -23,12 +26,11 @@ QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 # Python's `re` has no \p{..}: close enough to learn merges from ASCII-ish training text
 _PY_SPLIT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\r\n\w]?[^\W\d_]+|\d| ?[^\s\w]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-_COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "pink", "brown", "cyan"]
-_SHAPES = ["circle", "square", "triangle", "star", "rectangle", "ellipse", "cross", "heart", "diamond"]
-_WORDS = ("a an the of on in at with and small large big tiny left right top bottom center middle above below "
-          "next to background image picture photo two three one shape shapes color colour what is this "
-          "describe there are how many where which please generate based following caption assistant user "
-          "system you helpful").split()
+_FILLER = ("an in with and big tiny middle image picture photo one colour this which please there here these "
+           "those pink brown cyan star rectangle ellipse cross heart diamond line dot dots it's they have has "
+           "not no yes can see show draw make give me some many much more less than then from by for into "
+           "over under near far between inside outside corner edge side front back up down light dark bright "
+           "number count object objects thing things scene").split()
 
 
 def bytes_to_unicode() -> Dict[int, str]:
@@ -46,14 +48,16 @@ def bytes_to_unicode() -> Dict[int, str]:
 
 
 def training_text() -> List[str]:
-    # the prompt templates are the most frequent text of all
-    texts = [TEMPLATES["generation"], TEMPLATES["understanding"], TEMPLATES["defaultQuestion"]]
-    for i, color in enumerate(_COLORS):
-        for j, shape in enumerate(_SHAPES):
-            other = _COLORS[(i + j + 1) % len(_COLORS)]
-            texts.append(f"a {color} {shape} on a {other} background")
-            texts.append(f"What color is the {shape}? It is {color}.")
-    texts.append(" ".join(_WORDS))
+    """The text the tiny models see: the prompt templates (the most frequent of all), then captions,
+    questions and answers of the shapes world, so that each of its words is one token."""
+    texts = [TEMPLATES["generation"], TEMPLATES["understanding"], TEMPLATES["defaultQuestion"]] * 50
+    rng = np.random.default_rng(0)
+    for i in range(600):
+        scene = shapes.sample_scene(rng, shapes.KINDS[i % 3], None)
+        texts.append(scene.caption)
+        texts += [f"{q} {a}" for q, a in scene.qa]
+    # rarer words fill the rest of the vocabulary
+    texts.append(" ".join(_FILLER) + " " + " ".join(w.capitalize() for w in _FILLER))
     return texts
 
 
@@ -135,3 +139,47 @@ def write_tokenizer(out_dir: Path, vocab_size: int, context: int) -> None:
     tokenizer, config = build_tokenizer(vocab_size, context)
     (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False, indent=1) + "\n")
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1) + "\n")
+
+
+class Encoder:
+    """Text -> ids with a tokenizer.json written above, for training (the runtime uses Hugging Face's
+    tokenizers; for the ASCII text of the shapes world both split and merge alike, which a test checks)."""
+
+    def __init__(self, tokenizer: dict):
+        self.vocab = dict(tokenizer["model"]["vocab"])
+        self.vocab.update({a["content"]: a["id"] for a in tokenizer["added_tokens"]})
+        self.ranks = {tuple(m.split(" ")): i for i, m in enumerate(tokenizer["model"]["merges"])}
+        self.specials = re.compile("(" + "|".join(re.escape(a["content"]) for a in tokenizer["added_tokens"]) + ")")
+        self.b2u = bytes_to_unicode()
+        self.cache: Dict[str, List[int]] = {}
+
+    def _piece(self, piece: str) -> List[int]:
+        if piece not in self.cache:
+            word = [self.b2u[b] for b in piece.encode("utf-8")]
+            while len(word) > 1:
+                pairs = [(self.ranks.get(p, 1 << 30), i) for i, p in enumerate(zip(word, word[1:]))]
+                rank, i = min(pairs)
+                if rank == 1 << 30:
+                    break
+                word[i:i + 2] = [word[i] + word[i + 1]]
+            self.cache[piece] = [self.vocab[w] for w in word]
+        return self.cache[piece]
+
+    def encode(self, text: str) -> List[int]:
+        ids: List[int] = []
+        for part in self.specials.split(text):
+            if part in self.vocab and self.specials.fullmatch(part):
+                ids.append(self.vocab[part])
+            else:
+                for piece in _PY_SPLIT.findall(part):
+                    ids += self._piece(piece)
+        return ids
+
+    def decode(self, ids: List[int]) -> str:
+        u2b = {u: b for b, u in self.b2u.items()}
+        inv = {i: t for t, i in self.vocab.items()}
+        out = bytearray()
+        for i in ids:
+            t = inv[i]
+            out += t.encode("utf-8") if self.specials.fullmatch(t) else bytes(u2b[c] for c in t)
+        return out.decode("utf-8", errors="replace")

@@ -4,6 +4,7 @@ forward(sample [N,c,h,w], timestep [N] float32, features [N,T,C]) -> epsilon pre
 the cross-attention context; SDXL's pooled text embedding becomes their mean, and the added time ids are
 the fixed (original size, crop 0 0, target size) of the generated image.
 """
+import math
 from typing import List, Optional
 
 import torch
@@ -128,7 +129,9 @@ class UNet(nn.Module):
         self.add_embedding = TimestepMLP(cfg.cross_dim + 6 * cfg.time_id_dim, time_dim)
         h, w = cfg.image_size
         self.register_buffer("time_ids", torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32))
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.concat_features = cfg.concat_features
+        self.conv_in = nn.Conv2d(cfg.latent_channels + (cfg.cross_dim if cfg.concat_features else 0), ch[0], 3,
+                                 padding=1)
 
         skips, cin = [ch[0]], ch[0]
         self.down_blocks = nn.ModuleList()
@@ -163,7 +166,12 @@ class UNet(nn.Module):
         added = torch.cat([features.mean(1), time_ids.to(dtype)], -1)  # SDXL: [pooled text, time ids]
         temb = temb + self.add_embedding(added)
 
-        x = self.conv_in(sample.to(dtype))
+        x = sample.to(dtype)
+        if self.concat_features:  # [N, T, C] on a sqrt(T) grid -> [N, C, h, w], nearest
+            grid = int(math.sqrt(features.shape[1]))
+            f = features.transpose(1, 2).reshape(N, features.shape[2], grid, grid)
+            x = torch.cat([x, F.interpolate(f, size=[x.shape[2], x.shape[3]], mode="nearest")], 1)
+        x = self.conv_in(x)
         skips = [x]
         for stage in self.down_blocks:
             for layer in stage.layers:

@@ -116,3 +116,25 @@ class AutoencoderKL(nn.Module):
         """images [N,3,H,W] in [-1,1] -> (mean, logvar) of the latent posterior (unscaled)."""
         mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
+
+
+class PatchPixels(nn.Module):
+    """The "VAE" of a pixel-space decoder: latents are the image in [-1, 1] folded patch x patch into
+    channels (pixel_unshuffle), so decoding is an exact unfold and nothing is learned or lost."""
+
+    def __init__(self, cfg: VaeConfig):
+        super().__init__()
+        self.patch = cfg.patch
+        self.register_buffer("scale", torch.ones(1))  # carries the dtype and device of the bundle
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return F.pixel_shuffle(latents.to(self.scale.dtype), self.patch)
+
+    @torch.jit.unused
+    def encode(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        mean = F.pixel_unshuffle(images, self.patch)
+        return mean, torch.full_like(mean, -30.0)
+
+
+def build_vae(cfg: VaeConfig) -> nn.Module:
+    return PatchPixels(cfg) if cfg.patch > 0 else AutoencoderKL(cfg)

@@ -14,7 +14,7 @@ import { root, skipWithoutRuntime, squarePng } from './fixtures/runtime';
 
 /** Steps of every generation whose steps are not under test. */
 const quick = { steps: 1, decoderSteps: 1 } as const;
-const baselinePrompt = 'a red circle at the center on a white background';
+const baselinePrompt = 'a large red circle at the center on a white background';
 const baselineOptions = { seed: 1234, ...quick };
 /** fast-check settings: a fixed seed, few runs. */
 const fcRuns = (numRuns: number, seed = 42): fc.Parameters<unknown> => ({ seed, numRuns, endOnFailure: true });

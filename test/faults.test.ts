@@ -13,7 +13,7 @@ import { Blip3oRuntimeError, DisposedError, loadModel, type Blip3oModel, type Ge
 import { makeBrokenBundle, pythonSkip } from './fixtures/broken-bundle';
 import { fast, root, skipWithoutRuntime, squarePng } from './fixtures/runtime';
 
-const prompt = 'a red circle at the center on a white background';
+const prompt = 'a large red circle at the center on a white background';
 const isAbort = { name: 'AbortError' };
 
 t.test('faults', { skip: skipWithoutRuntime }, async (t) => {

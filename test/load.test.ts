@@ -12,7 +12,7 @@ const { soak } = require('../bench/soak.js') as {
   soak: (model: Blip3oModel, options: { n: number; steps: number; decoderSteps: number; warmup: number; every: number }) => Promise<{ growthMb: number; peakGrowthMb: number; samples: unknown[] }>;
 };
 
-const prompts = ['a red circle at the center on a white background', 'two green triangles on a gray background'];
+const prompts = ['a large red circle at the center on a white background', 'two green triangles on a gray background'];
 const settings = { steps: 1, decoderSteps: 1 } as const;
 
 // mulberry32: a small seeded PRNG, so the mix and the aborts are the same on every run.

@@ -7,9 +7,9 @@ import { BusyError, DisposedError, loadModel, type GenerateResult, type Progress
 import { fast, skipWithoutRuntime } from './fixtures/runtime';
 
 const prompts = [
-  'a red circle at the center on a white background',
+  'a large red circle at the center on a white background',
   'two green triangles on a gray background',
-  'a blue square at the top left on a black background',
+  'a small blue square at the top left on a black background',
   'a yellow star at the bottom right on a white background',
 ];
 const sameBatch = (a: GenerateResult, b: GenerateResult): boolean =>

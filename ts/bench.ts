@@ -96,16 +96,16 @@ export interface BenchReport {
 /** What both sides time: per stage (wall and inside the TorchScript calls), per step, in total. */
 type Timings = ReferenceTimings;
 
-const prompt = 'a red circle at the center on a white background';
+const prompt = 'a large red circle at the center on a white background';
 const prompts = [
   prompt,
-  'a blue square at the top left on a black background',
+  'a small blue square at the top left on a black background',
   'two green triangles on a gray background',
   'a yellow square above a blue circle on a black background',
   'a small purple circle at the bottom right on a white background',
-  'three red squares in a row on a gray background',
-  'a large orange triangle at the center on a black background',
-  'a green circle next to a red square on a white background',
+  'three red squares on a gray background',
+  'a large orange triangle at the top on a black background',
+  'a green circle to the left of a red square on a white background',
 ];
 const baseSeed = 1000;
 const batchSizes = [1, 2, 4, 8];

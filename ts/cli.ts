@@ -9,6 +9,7 @@ import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { AbortError, InvalidArgumentError, isAbortError } from './errors';
 import { runBench } from './bench';
 import { markdown, writeReport } from './bench-report';
+import { evalMarkdown, runEval } from './eval';
 import { formatFromFileName, writeFileAtomic } from './image';
 import { loadModel, packageVersion, runtimeInfo, type Blip3oModel } from './model';
 import { packageRoot } from './native';
@@ -32,6 +33,7 @@ Commands:
   describe IMAGE            describe an image, or answer --question about it
   info                      show the model bundle, device and runtime
   bench                     benchmark the runtime against the Python reference
+  eval                      evaluate the model on fresh scenes of the shapes world
   help [COMMAND]            show help for a command
 
 Options:
@@ -106,9 +108,34 @@ Options:
 ${modelOptionsHelp}
   --json                    print the report as JSON instead of Markdown
   -h, --help                show this help`,
+  eval: `Usage: blip3o eval [options]
+
+Evaluates the model on fresh random scenes of the shapes world (models/shapes.py) through the
+runtime. Generation: one image per prompt, --prompts captions of seen combinations (cycling single,
+pair, count) and --unseen captions with a held-out combination, at the bundle's default settings,
+scored by the world's judge (accuracy per kind, seen and unseen apart). Understanding: describes
+--scenes rendered scenes (caption exact match per kind) and asks each its questions (accuracy per
+question type). Round trip: describes the seen generated images and compares their canonical
+captions with the prompts'. Prints a Markdown table and writes it with the JSON under --out
+(<date>_eval.md/.json); progress goes to stderr.
+
+Meaningful for bundles of the shapes world, such as the bundled one. The world (models/shapes.py)
+runs in a Python with numpy, started through models/run-python.sh ($BLIP3O_PYTHON, else the Python
+with torch).
+
+Options:
+  --prompts N               generation prompts, seen combinations (default 300)
+  --unseen N                generation prompts, held-out combinations (default 60)
+  --scenes M                understanding scenes (default 300)
+  --seed S                  seed of the prompts, scenes and images, 0 to 2^32-1
+                            (default 100000)
+  --out DIR                 results directory (default: bench/results in the package)
+${modelOptionsHelp}
+  --json                    print the results as JSON instead of Markdown
+  -h, --help                show this help`,
   help: `Usage: blip3o help [COMMAND]
 
-Shows the help of COMMAND (generate, describe, info, bench), or the list of commands.`,
+Shows the help of COMMAND (generate, describe, info, bench, eval), or the list of commands.`,
 };
 
 type Options = NonNullable<ParseArgsConfig['options']>;
@@ -152,6 +179,14 @@ const commandOptions: Record<string, Options> = {
     quick: { type: 'boolean' },
     out: { type: 'string' },
   },
+  eval: {
+    ...modelOptions,
+    prompts: { type: 'string' },
+    unseen: { type: 'string' },
+    scenes: { type: 'string' },
+    seed: { type: 'string' },
+    out: { type: 'string' },
+  },
 };
 
 /** API option names as the CLI spells them, for error messages. */
@@ -172,6 +207,11 @@ const flagNames: Record<string, string> = {
   question: '--question',
   prompt: 'PROMPT',
   runs: '--runs',
+  prompts: '--prompts',
+  unseen: '--unseen',
+  scenes: '--scenes',
+  model: '--model',
+  out: '--out',
 };
 
 type Values = Record<string, string | boolean | undefined>;
@@ -403,11 +443,37 @@ async function runBenchCommand(values: Values, positionals: string[]): Promise<v
   process.stdout.write(values.json === true ? `${JSON.stringify(report)}\n` : markdown(report));
 }
 
+async function runEvalCommand(values: Values, positionals: string[], signal: AbortSignal): Promise<void> {
+  if (positionals.length > 0) throw new UsageError(`eval takes no arguments, got ${JSON.stringify(positionals[0])}`);
+  const { dir, options } = loadOptionsOf(values);
+  let report;
+  try {
+    report = await runEval({
+      device: options.device,
+      dtype: options.dtype,
+      threads: options.threads,
+      model: dir,
+      prompts: numberOption(values, 'prompts'),
+      unseen: numberOption(values, 'unseen'),
+      scenes: numberOption(values, 'scenes'),
+      seed: numberOption(values, 'seed'),
+      out: stringOption(values, 'out'),
+      log: (line) => process.stderr.write(`eval: ${line}\n`),
+      signal,
+    });
+  } catch (err) {
+    throw withFlagNames(err);
+  }
+  process.stderr.write(`eval: wrote ${report.files.json} and ${report.files.markdown}\n`);
+  process.stdout.write(values.json === true ? `${JSON.stringify(report)}\n` : evalMarkdown(report));
+}
+
 const commands: Record<string, (values: Values, positionals: string[], signal: AbortSignal) => Promise<void>> = {
   generate: runGenerate,
   describe: runDescribe,
   info: runInfo,
   bench: runBenchCommand,
+  eval: runEvalCommand,
 };
 
 /** `--cfg -1` as `--cfg=-1`: parseArgs would take "-1" for an option; the API then says what is wrong. */
@@ -442,13 +508,13 @@ async function main(argv: string[]): Promise<number> {
       process.stdout.write(`${mainHelp}\n`);
       return 0;
     }
-    if (commandHelp[topic] === undefined) throw new UsageError(`unknown command ${JSON.stringify(topic)} (commands: generate, describe, info, bench, help)`);
+    if (commandHelp[topic] === undefined) throw new UsageError(`unknown command ${JSON.stringify(topic)} (commands: generate, describe, info, bench, eval, help)`);
     process.stdout.write(`${commandHelp[topic]}\n`);
     return 0;
   }
   const run = commands[command];
   if (run === undefined) {
-    throw new UsageError(`unknown command ${JSON.stringify(command)} (commands: generate, describe, info, bench, help; see blip3o --help)`);
+    throw new UsageError(`unknown command ${JSON.stringify(command)} (commands: generate, describe, info, bench, eval, help; see blip3o --help)`);
   }
   const options = commandOptions[command];
   const { values, positionals } = parseArgs({ args: joinNegativeNumbers(rest, options), options, allowPositionals: true, strict: true });

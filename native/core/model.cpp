@@ -166,23 +166,27 @@ struct Model::Impl {
     for (size_t i = 0; i < count; ++i) task(int(i));
   }
 
-  // [steps, 2n] model timesteps on the device, built once: a step only selects its row.
+  // [steps, n] model timesteps on the device, built once: a step only selects its row.
   torch::Tensor timestepRows(const std::vector<double>& t, int64_t n) const {
-    return torch::tensor(t, torch::kFloat32).unsqueeze(1).expand({-1, 2 * n}).contiguous().to(device);
+    return torch::tensor(t, torch::kFloat32).unsqueeze(1).expand({-1, n}).contiguous().to(device);
   }
 
   // Flow-matching Euler over x [B,T,C] (float32, updated in place). Each call is a CFG pair
   // [uncond, cond] in an input buffer reused every step; the update is in place with the same
-  // operations (and so the same bytes) as x + dsigma * (vu + cfg (vc - vu)).
+  // operations (and so the same bytes) as x + dsigma * (vu + cfg (vc - vu)). At guidance 1 or less
+  // the conditional branch runs alone, as in diffusers.
   torch::Tensor runDit(const torch::Tensor& cond, torch::Tensor x, const DitSampling& s, const JobHooks& hooks,
                        bool report, StageClock& clock) {
     const int64_t steps = int64_t(s.timesteps.size());
+    const bool guided = s.cfg > 1;
+    const int64_t width = guided ? 2 : 1;
     struct Group { torch::Tensor x, in, cond, t; };
     std::vector<Group> gs;
     for (auto [first, n] : groups(x.size(0))) {
       torch::Tensor c = cond.narrow(0, first, n);
-      gs.push_back({x.narrow(0, first, n), torch::empty({2 * n, x.size(1), x.size(2)}, x.options().dtype(dtype)),
-                    torch::cat({torch::zeros_like(c), c}).to(dtype), timestepRows(s.timesteps, n)});
+      gs.push_back({x.narrow(0, first, n), torch::empty({width * n, x.size(1), x.size(2)}, x.options().dtype(dtype)),
+                    (guided ? torch::cat({torch::zeros_like(c), c}) : c).to(dtype),
+                    timestepRows(s.timesteps, width * n)});
     }
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
@@ -191,13 +195,16 @@ struct Model::Impl {
       parallel(gs.size(), [&](int gi) {
         Group& g = gs[gi];
         const int64_t n = g.x.size(0);
-        g.in.narrow(0, 0, n).copy_(g.x);
-        g.in.narrow(0, n, n).copy_(g.x);
+        for (int64_t h = 0; h < width; ++h) g.in.narrow(0, h * n, n).copy_(g.x);
         torch::Tensor out = spans.time(gi, [&] { return call(dit, {g.in, g.t[i], g.cond}); });
         expectShape("dit.pt", out, g.in.sizes());
         out = out.to(torch::kFloat32);
-        torch::Tensor vu = out.narrow(0, 0, n), vc = out.narrow(0, n, n);
-        g.x.add_((vc - vu).mul_(s.cfg).add_(vu).mul_(dsigma));
+        if (guided) {
+          torch::Tensor vu = out.narrow(0, 0, n), vc = out.narrow(0, n, n);
+          g.x.add_((vc - vu).mul_(s.cfg).add_(vu).mul_(dsigma));
+        } else {
+          g.x.add_(out.mul_(dsigma));
+        }
       });
       clock.callMs += spans.takeUnionMs();
       if (report && hooks.progress) hooks.progress("dit", int(i + 1), int(steps));
@@ -207,19 +214,22 @@ struct Model::Impl {
   }
 
   // Euler discrete (k-diffusion form) over z [B,c,h,w] (float32, updated in place); CFG pairs
-  // [cond, negative], the features half of the input built once.
+  // [cond, negative], the features half of the input built once; no negative at guidance 1 or less.
   void runDecoder(const torch::Tensor& features, torch::Tensor& z, const GenerateRequest& req, const JobHooks& hooks,
                   StageClock& clock) {
     const int64_t steps = int64_t(req.decoderTimesteps.size());
     const std::string& prediction = manifest.decoder.predictionType;
+    const bool guided = req.decoderCfg > 1;
+    const int64_t width = guided ? 2 : 1;
     struct Group { torch::Tensor z, in, features, t; };
     std::vector<Group> gs;
     for (auto [first, n] : groups(z.size(0))) {
       std::vector<int64_t> shape = z.sizes().vec();
-      shape[0] = 2 * n;
+      shape[0] = width * n;
+      torch::Tensor f = features.narrow(0, first, n);
       gs.push_back({z.narrow(0, first, n), torch::empty(shape, z.options().dtype(dtype)),
-                    torch::cat({features.narrow(0, first, n), negative.expand({n, -1, -1})}).to(dtype),
-                    timestepRows(req.decoderTimesteps, n)});
+                    (guided ? torch::cat({f, negative.expand({n, -1, -1})}) : f).to(dtype),
+                    timestepRows(req.decoderTimesteps, width * n)});
     }
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
@@ -229,13 +239,15 @@ struct Model::Impl {
         Group& g = gs[gi];
         const int64_t n = g.z.size(0);
         torch::Tensor zin = g.z / std::sqrt(s * s + 1);
-        g.in.narrow(0, 0, n).copy_(zin);
-        g.in.narrow(0, n, n).copy_(zin);
+        for (int64_t h = 0; h < width; ++h) g.in.narrow(0, h * n, n).copy_(zin);
         torch::Tensor o = spans.time(gi, [&] { return call(decoder, {g.in, g.t[i], g.features}); });
         expectShape("decoder.pt", o, g.in.sizes());
         o = o.to(torch::kFloat32);
-        torch::Tensor oc = o.narrow(0, 0, n), on = o.narrow(0, n, n);
-        torch::Tensor out = (oc - on).mul_(req.decoderCfg).add_(on);  // on + cfg (oc - on)
+        torch::Tensor out = o;
+        if (guided) {
+          torch::Tensor oc = o.narrow(0, 0, n), on = o.narrow(0, n, n);
+          out = (oc - on).mul_(req.decoderCfg).add_(on);  // on + cfg (oc - on)
+        }
         torch::Tensor denoised;
         if (prediction == "epsilon")
           denoised = g.z - out.mul_(s);

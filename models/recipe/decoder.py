@@ -1,0 +1,74 @@
+"""Stage 3, the diffusion decoder: a UNet that draws the 64 x 64 image from the CLIP features (BLIP3-o's
+SDXL-style decoder, at this scale on pixels folded 4 x 4 into 48 channels, so there is no VAE to train or
+to blur). It predicts the clean image from SDXL's noise schedule, and sees features with some noise added
+so that it tolerates the DiT's imperfect ones (shared/TRAINING.md)."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import shapes
+from ..presets import get_preset
+from ..unet import UNet
+from ..vae import build_vae
+from . import common, data, pipeline
+from .features import load_encoder
+
+
+def train_sigmas(cfg: dict) -> torch.Tensor:
+    """sigma(t) for t = 0..999 of the sampler's scaled-linear schedule."""
+    n = cfg["numTrainTimesteps"]
+    betas = np.linspace(cfg["betaStart"] ** 0.5, cfg["betaEnd"] ** 0.5, n, dtype=np.float64) ** 2
+    ac = np.cumprod(1.0 - betas)
+    return torch.from_numpy(((1 - ac) / ac) ** 0.5).float()
+
+
+def train(steps: int = 2500, batch_size: int = 32, seed: int = 3, feature_noise: float = 0.3) -> None:
+    log = common.Log("decoder")
+    common.seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    p = get_preset("tiny")
+    enc, vae = load_encoder(), build_vae(p.vae)
+    unet = UNet(p.unet)
+    sig = train_sigmas(pipeline.TINY_SAMPLER["decoder"])
+    opt = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=0.01)
+    for step in range(steps):
+        common.set_lr(opt, common.lr_at(step, steps, 5e-4, warmup=200))
+        ss = data.scenes(rng, batch_size)
+        images = data.to_tensor([shapes.render(s, antialias=False) for s in ss])
+        with torch.no_grad():
+            feats = enc(images)
+            feats = feats + torch.randn_like(feats) * torch.rand(batch_size, 1, 1) * feature_noise
+            x0 = vae.encode(images)[0]
+        t = torch.randint(0, len(sig), (batch_size,))
+        s = sig[t].view(-1, 1, 1, 1)
+        x_in = (x0 + s * torch.randn_like(x0)) / (s ** 2 + 1).sqrt()
+        loss = F.mse_loss(unet(x_in, t.float(), feats), x0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"step {step} loss {loss.item():.4f}")
+        if step % 1000 == 999 or step == steps - 1:
+            log("judge, real features -> decoder: " + pipeline.fmt(ceiling(enc, unet.eval(), p)))
+            unet.train()
+    common.save("decoder", {"unet": unet.state_dict()})
+
+
+def ceiling(enc, unet, p, n: int = 60, seed: int = 777) -> dict:
+    """Judge accuracy of images drawn from real scenes' features: the best the DiT could hope for."""
+    b = pipeline.EagerBundle(p, {"decoder": unet, "vae": build_vae(p.vae)})
+    rng = np.random.default_rng(seed)
+    results = []
+    for i in range(n):
+        s = shapes.sample_scene(rng, shapes.KINDS[i % 3], False)
+        with torch.no_grad():
+            f = enc(data.to_tensor([shapes.render(s, antialias=False)]))
+        results.append(shapes.judge(s.caption, pipeline.decode(b, f, seed + i)))
+    return pipeline.accuracy(results)
+
+
+def load_unet(p) -> UNet:
+    unet = UNet(p.unet)
+    unet.load_state_dict(common.load("decoder")["unet"])
+    return unet.eval().requires_grad_(False)

@@ -1,0 +1,104 @@
+"""Stage 4, generation: with the backbone frozen, the 64 query tokens and the DiT learn by flow matching
+(velocity target, 10% of conditions dropped to zeros for guidance) to produce the CLIP features of the
+caption's image. Stage 5, instruction tuning, runs the same loop on a fixed, curated set of the hard scenes
+(pairs and counts), the way BLIP3-o tunes on BLIP3o-60k after pretraining."""
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import shapes
+from ..dit import DiT
+from ..presets import get_preset
+from ..vae import build_vae
+from . import common, data, pipeline
+from .decoder import load_unet
+from .features import load_encoder
+from .understanding import load_backbone
+
+
+def condition(backbone, ids: List[List[int]]) -> torch.Tensor:
+    """The query states [N, 64, H] of prompts of different lengths (each length one call, no padding)."""
+    out: List[Optional[torch.Tensor]] = [None] * len(ids)
+    for _, rows in data.by_length(ids).items():
+        h = backbone.condition(torch.tensor([ids[i] for i in rows]))
+        for j, i in enumerate(rows):
+            out[i] = h[j]
+    return torch.stack(out)
+
+
+class Pool:
+    """Where a step's scenes come from: fresh random training scenes, or a fixed curated set."""
+
+    def __init__(self, rng: np.random.Generator, size: int = 0, kinds: Optional[List[str]] = None):
+        self.rng, self.kinds = rng, kinds
+        self.fixed = data.scenes(rng, size, kinds) if size else None
+
+    def draw(self, n: int) -> List[shapes.Scene]:
+        if self.fixed is None:
+            return data.scenes(self.rng, n, self.kinds)
+        return [self.fixed[i] for i in self.rng.integers(len(self.fixed), size=n)]
+
+
+def train(stage: str = "generation", steps: int = 1500, batch_size: int = 32, lr: float = 5e-4, seed: int = 4,
+          start: Optional[str] = None, pool_size: int = 0, kinds: Optional[List[str]] = None,
+          check_every: int = 500, query_lr: Optional[float] = None) -> None:
+    log = common.Log(stage)
+    common.seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    p = get_preset("tiny")
+    tok = data.tokenizer(p.backbone.vocab, p.backbone.context)
+    enc, backbone = load_encoder(), load_backbone(p)
+    dit = DiT(p.dit)
+    with torch.no_grad():
+        for block in dit.layers:
+            block.gate.fill_(0.3)  # let the caption in from the first step (Lumina starts at 0)
+    if start:  # instruction tuning continues from the pretrained queries and DiT
+        state = common.load(start)
+        dit.load_state_dict(state["dit"])
+        backbone.queries.data.copy_(state["queries"])
+    backbone.queries.requires_grad_(True)
+    params = [backbone.queries] + list(dit.parameters())
+    q_scale = (query_lr or lr) / lr  # the queries may learn faster: their gradient reaches them through a frozen LM
+    opt = torch.optim.AdamW([{"params": [backbone.queries], "scale": q_scale},
+                             {"params": list(dit.parameters()), "scale": 1.0}], lr=lr, weight_decay=0.01)
+    pool = Pool(rng, pool_size, kinds)
+    for step in range(steps):
+        common.set_lr(opt, common.lr_at(step, steps, lr, warmup=100 if start else 200))
+        ss = pool.draw(batch_size)
+        with torch.no_grad():
+            x0 = enc(data.to_tensor([shapes.render(s, antialias=False) for s in ss]))
+        cond = condition(backbone, [data.generation_ids(tok, s.caption) for s in ss])
+        keep = (torch.rand(batch_size, 1, 1) >= 0.1).float()  # 10% dropped to the all-zeros condition
+        sigma = torch.sigmoid(torch.randn(batch_size, 1, 1))  # logit-normal, as SD3 samples it
+        noise = torch.randn_like(x0)
+        xt = (1 - sigma) * x0 + sigma * noise
+        loss = F.mse_loss(dit(xt, sigma.flatten() * 1000, cond * keep), noise - x0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == steps - 1:
+            log(f"step {step} loss {loss.item():.4f}")
+        if step % check_every == check_every - 1 or step == steps - 1:
+            dit.eval()
+            if (common.CHECKPOINTS / "decoder.pt").exists():  # stages may overlap: the decoder may still train
+                log("judge, full pipeline on fresh prompts: " + pipeline.fmt(judge(p, tok, backbone, dit, load_unet(p))))
+            dit.train()
+    common.save(stage, {"dit": dit.state_dict(), "queries": backbone.queries.detach().clone()})
+
+
+def judge(p, tok, backbone, dit, unet, n: int = 60, seed: int = 999, unseen: bool = False) -> dict:
+    b = pipeline.EagerBundle(p, {"backbone": backbone, "dit": dit, "decoder": unet, "vae": build_vae(p.vae)})
+    rng = np.random.default_rng(seed)
+    results = []
+    for i in range(n):
+        s = shapes.sample_scene(rng, shapes.KINDS[i % 3], unseen)
+        results.append(shapes.judge(s.caption, pipeline.generate(b, data.generation_ids(tok, s.caption), seed + i)))
+    return pipeline.accuracy(results)
+
+
+def instruct(steps: int = 500) -> None:
+    train("instruct", steps=steps, lr=1.5e-4, seed=5, start="generation", pool_size=6000, kinds=["pair", "count"],
+          check_every=250)
