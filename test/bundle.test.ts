@@ -42,7 +42,7 @@ t.test('bundle validation', { skip: skipWithoutRuntime }, async (t) => {
 
   t.test('an intact copy loads', async (t) => {
     const model = await loadModel(brokenCopy(() => undefined), { device: 'cpu' });
-    t.equal(model.info().name, 'blip3o-tiny-random');
+    t.equal(model.info().name, 'blip3o-tiny-shapes');
     await model.dispose();
   });
 

@@ -166,7 +166,7 @@ t.test('with the model', { skip: skipWithoutRuntime }, async (t) => {
     const json = run(['info', '--json', '--device', 'cpu', '--threads', '1']);
     t.equal(json.code, 0, json.stderr);
     const info = JSON.parse(json.stdout) as Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
-    t.equal(info.name, 'blip3o-tiny-random');
+    t.equal(info.name, 'blip3o-tiny-shapes');
     t.equal(info.device, 'cpu');
     t.equal(info.threads, 1);
     t.same(info.image, { width: 64, height: 64 });
@@ -174,7 +174,7 @@ t.test('with the model', { skip: skipWithoutRuntime }, async (t) => {
     t.type(info.runtime.cudaBuilt, 'boolean');
     const text = run(['info']);
     t.equal(text.code, 0, text.stderr);
-    t.match(text.stdout, /bundle +blip3o-tiny-random/);
+    t.match(text.stdout, /bundle +blip3o-tiny-shapes/);
     t.match(text.stdout, /libtorch +\d+\.\d+/);
   });
 });

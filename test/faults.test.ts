@@ -5,7 +5,7 @@
 // are reached through progress and token events (the job is still in its loop when the abort lands,
 // since the loops are long), so the tests hold however the machine schedules them; no timing asserts.
 import { spawn } from 'node:child_process';
-import { rmSync, writeFileSync, mkdtempSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync, mkdtempSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import t, { type Test } from 'tap';
@@ -171,9 +171,11 @@ t.test('faults', { skip: skipWithoutRuntime }, async (t) => {
     const flat = makeBrokenBundle('vae-bad-shape');
     dirs.push(flat);
     const badVae = await loadModel(flat, { device: 'cpu' });
+    const { latent } = JSON.parse(readFileSync(path.join(flat, 'manifest.json'), 'utf8')) as { latent: Record<string, number> };
     await t.rejects(badVae.generate([prompt, prompt], { seed: 1, ...fast }), {
       name: 'Blip3oRuntimeError',
-      message: 'vae.pt returned a tensor of shape [1024], expected [1, 3, 64, 64]',
+      // the broken VAE flattens one sample's latents: channels x height x width values
+      message: `vae.pt returned a tensor of shape [${latent.channels * latent.height * latent.width}], expected [1, 3, 64, 64]`,
     });
     await badVae.dispose();
 
