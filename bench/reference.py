@@ -17,7 +17,6 @@ import argparse
 import base64
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -25,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from models import jsonlines
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,15 +43,21 @@ def flow_match_schedule(steps: int, shift: float) -> Tuple[Tensor, Tensor]:
     return torch.cat([sigmas, torch.zeros(1)]), sigmas * 1000.0
 
 
+def train_sigmas(cfg: dict) -> np.ndarray:
+    """sigma(t) = sqrt((1 - alphas_cumprod) / alphas_cumprod) for t = 0 .. numTrainTimesteps - 1 of the
+    decoder's scaled-linear schedule (float64)."""
+    n = cfg["numTrainTimesteps"]
+    betas = np.linspace(cfg["betaStart"] ** 0.5, cfg["betaEnd"] ** 0.5, n, dtype=np.float64) ** 2
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
 def euler_discrete_schedule(cfg: dict, steps: int) -> Tuple[Tensor, Tensor, float]:
     """EulerDiscreteScheduler.set_timesteps(steps) ("leading" spacing, scaled-linear betas): float32
     sigmas (then a final 0), timesteps and the initial noise sigma."""
     n = cfg["numTrainTimesteps"]
-    betas = np.linspace(cfg["betaStart"] ** 0.5, cfg["betaEnd"] ** 0.5, n, dtype=np.float64) ** 2
-    alphas_cumprod = np.cumprod(1.0 - betas)
-    train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
     timesteps = (np.arange(steps) * (n // steps)).round()[::-1].astype(np.float64) + cfg["stepsOffset"]
-    sigmas = torch.from_numpy(np.interp(timesteps, np.arange(n), train_sigmas).astype(np.float32))
+    sigmas = torch.from_numpy(np.interp(timesteps, np.arange(n), train_sigmas(cfg)).astype(np.float32))
     init_sigma = float((sigmas.max() ** 2 + 1) ** 0.5)  # "leading" spacing
     return torch.cat([sigmas, torch.zeros(1)]), torch.from_numpy(timesteps.astype(np.float32)), init_sigma
 
@@ -133,7 +140,8 @@ def generate(b: Bundle, ids: List[int], negative_ids: List[int], seed: int, step
     """One image: HWC uint8 pixels and the timings (per stage: wall ms and ms inside the TorchScript calls;
     per step wall ms of both loops)."""
     s = b.manifest["sampler"]
-    neg = negative_features(b, negative_ids)
+    guided = (s["decoder"]["cfg"] if decoder_cfg is None else decoder_cfg) > 1
+    neg = negative_features(b, negative_ids) if guided else None  # unused at guidance 1 or less
     started = time.perf_counter()
     t = new_timings()
     g = torch.Generator().manual_seed(seed)  # eps_dit, then eps_dec, from the same generator
@@ -144,7 +152,7 @@ def generate(b: Bundle, ids: List[int], negative_ids: List[int], seed: int, step
     return pixels, t
 
 
-def decode(b: Bundle, feats: Tensor, neg: Tensor, g: torch.Generator, decoder_steps: Optional[int],
+def decode(b: Bundle, feats: Tensor, neg: Optional[Tensor], g: torch.Generator, decoder_steps: Optional[int],
            decoder_cfg: Optional[float], t: Dict) -> np.ndarray:
     """The decoder's Euler discrete loop from randn(latent shape, g) on CLIP features [1,T,C] (CFG against
     the negative features as one batch, none at guidance 1 as in diffusers), then the VAE: HWC uint8."""
@@ -193,39 +201,32 @@ def denoise(prediction: str, z: Tensor, out: Tensor, sigma: Tensor) -> Tensor:
 
 def serve() -> None:
     """The benchmark's long-lived reference process: JSON requests on stdin, JSON answers on stdout."""
-    b: Optional[Bundle] = None
-    negative_ids: List[int] = []
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            req = json.loads(line)
-            op = req["op"]
-            if op == "load":
-                start = time.perf_counter()
-                if req.get("threads", 0) > 0:
-                    torch.set_num_threads(req["threads"])
-                b = Bundle(Path(req["bundle"]), req.get("device", "cpu"), req.get("dtype"))
-                negative_ids = req["negativeIds"]
-                with torch.inference_mode():
-                    negative_features(b, negative_ids)
-                res = {"loadMs": ms_since(start), "threads": torch.get_num_threads(), "torch": torch.__version__}
-            elif op == "generate":
-                assert b is not None, "generate before load"
-                with torch.inference_mode():
-                    pixels, timings = generate(b, req["ids"], negative_ids, req["seed"], req.get("steps"), req.get("cfg"),
-                                               req.get("decoderSteps"), req.get("decoderCfg"))
-                res = {"width": pixels.shape[1], "height": pixels.shape[0], "timings": timings,
-                       "pixels": base64.b64encode(pixels.tobytes()).decode("ascii")}
-            elif op == "stats":
-                cuda = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
-                res = {"peakRssMb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peakCudaMb": cuda}
-            else:
-                raise ValueError(f"unknown op {op!r}")
-        except Exception as err:  # answered, so that the benchmark can report it
-            res = {"error": f"{type(err).__name__}: {err}"}
-        sys.stdout.write(json.dumps(res) + "\n")
-        sys.stdout.flush()
+    state: Dict = {"bundle": None, "negativeIds": []}
+
+    def answer(req: dict) -> dict:
+        op, b = req["op"], state["bundle"]
+        if op == "load":
+            start = time.perf_counter()
+            if req.get("threads", 0) > 0:
+                torch.set_num_threads(req["threads"])
+            b = state["bundle"] = Bundle(Path(req["bundle"]), req.get("device", "cpu"), req.get("dtype"))
+            state["negativeIds"] = req["negativeIds"]
+            with torch.inference_mode():
+                negative_features(b, state["negativeIds"])
+            return {"loadMs": ms_since(start), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        if op == "generate":
+            assert b is not None, "generate before load"
+            with torch.inference_mode():
+                pixels, timings = generate(b, req["ids"], state["negativeIds"], req["seed"], req.get("steps"),
+                                           req.get("cfg"), req.get("decoderSteps"), req.get("decoderCfg"))
+            return {"width": pixels.shape[1], "height": pixels.shape[0], "timings": timings,
+                    "pixels": base64.b64encode(pixels.tobytes()).decode("ascii")}
+        if op == "stats":
+            cuda = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
+            return {"peakRssMb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peakCudaMb": cuda}
+        raise ValueError(f"unknown op {op!r}")
+
+    jsonlines.serve(answer)
 
 
 def main() -> None:

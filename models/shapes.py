@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from . import jsonlines
+
 SIZE = 64
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 220), "yellow": (235, 210, 40),
@@ -397,25 +399,13 @@ def answer(req: dict) -> dict:
     raise ValueError(f"unknown op {op!r}")
 
 
-def serve() -> None:
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            res = answer(json.loads(line))
-        except Exception as err:  # answered, so that the caller can report it
-            res = {"error": f"{type(err).__name__}: {err}"}
-        sys.stdout.write(json.dumps(res) + "\n")
-        sys.stdout.flush()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m models.shapes", description=__doc__.split("\n\n")[0])
     ap.add_argument("--serve", action="store_true", help="answer JSON requests on stdin")
     ap.add_argument("--check", type=int, metavar="N", help="judge N fresh renders per kind (should all pass)")
     a = ap.parse_args()
     if a.serve:
-        return serve()
+        return jsonlines.serve(answer)
     rng = np.random.default_rng(0)
     for kind in KINDS:
         scenes = [sample_scene(rng, kind, None) for _ in range(a.check or 100)]

@@ -151,6 +151,8 @@ class Encoder:
         self.ranks = {tuple(m.split(" ")): i for i, m in enumerate(tokenizer["model"]["merges"])}
         self.specials = re.compile("(" + "|".join(re.escape(a["content"]) for a in tokenizer["added_tokens"]) + ")")
         self.b2u = bytes_to_unicode()
+        self.u2b = {u: b for b, u in self.b2u.items()}
+        self.tokens = {i: t for t, i in self.vocab.items()}
         self.cache: Dict[str, List[int]] = {}
 
     def _piece(self, piece: str) -> List[int]:
@@ -176,10 +178,8 @@ class Encoder:
         return ids
 
     def decode(self, ids: List[int]) -> str:
-        u2b = {u: b for b, u in self.b2u.items()}
-        inv = {i: t for t, i in self.vocab.items()}
         out = bytearray()
         for i in ids:
-            t = inv[i]
-            out += t.encode("utf-8") if self.specials.fullmatch(t) else bytes(u2b[c] for c in t)
+            t = self.tokens[i]
+            out += t.encode("utf-8") if self.specials.fullmatch(t) else bytes(self.u2b[c] for c in t)
         return out.decode("utf-8", errors="replace")

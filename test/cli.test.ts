@@ -1,25 +1,14 @@
 // The blip3o command line, run as users run it: node dist/cli.js (compiled here when stale).
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import sharp from 'sharp';
 import t, { type Test } from 'tap';
-import { root, skipWithoutRuntime, squarePng } from './fixtures/runtime';
+import { cli, ensureCompiled, root, skipWithoutRuntime, squarePng } from './fixtures/runtime';
 
-const cli = path.join(root, 'dist', 'cli.js');
 const fastFlags = ['--steps', '3', '--decoder-steps', '3'];
 
-/** Compiles ts/ into dist/ unless dist/cli.js is newer than every source file. */
-function ensureCompiled(): void {
-  const sourceDir = path.join(root, 'ts');
-  const newest = Math.max(...readdirSync(sourceDir).map((f) => statSync(path.join(sourceDir, f)).mtimeMs));
-  if (existsSync(cli) && statSync(cli).mtimeMs >= newest) return;
-  const tsc = spawnSync(process.execPath, [path.join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', path.join(root, 'tsconfig.json')], {
-    encoding: 'utf8',
-  });
-  if (tsc.status !== 0) throw new Error(`tsc failed:\n${tsc.stdout}${tsc.stderr}`);
-}
 
 interface Run {
   code: number | null;

@@ -2,30 +2,17 @@
 // results and files, its option checks and its CLI (never an accuracy level: that depends on the
 // bundle's training).
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import t from 'tap';
 import { evalMarkdown, kinds, questionType, questionTypes, rgbPixels, runEval, ShapesWorld, type EvalReport, type Tally } from '../ts/eval';
 import { encodeImage } from '../ts/image';
 import { InvalidArgumentError } from '../ts/index';
-import { root, skipWithoutRuntime } from './fixtures/runtime';
+import { cli, ensureCompiled, root, skipWithoutRuntime, skipWithoutWorld } from './fixtures/runtime';
 
-const hasPython = spawnSync('bash', [path.join(root, 'models', 'run-python.sh'), '-c', 'import numpy'], { stdio: 'ignore' }).status === 0;
-const skipWorld = hasPython ? false : 'no Python with numpy for models/shapes.py (apt-get install python3-torch)';
-const skip = skipWithoutRuntime || skipWorld;
-const cli = path.join(root, 'dist', 'cli.js');
+const skip = skipWithoutRuntime || skipWithoutWorld;
 
-/** Compiles ts/ into dist/ unless dist/cli.js is newer than every source file. */
-function ensureCompiled(): void {
-  const sourceDir = path.join(root, 'ts');
-  const newest = Math.max(...readdirSync(sourceDir).map((f) => statSync(path.join(sourceDir, f)).mtimeMs));
-  if (existsSync(cli) && statSync(cli).mtimeMs >= newest) return;
-  const tsc = spawnSync(process.execPath, [path.join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', path.join(root, 'tsconfig.json')], {
-    encoding: 'utf8',
-  });
-  if (tsc.status !== 0) throw new Error(`tsc failed:\n${tsc.stdout}${tsc.stderr}`);
-}
 
 function run(args: string[]): { code: number | null; stdout: string; stderr: string } {
   const result = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8', timeout: 120_000 });
@@ -70,7 +57,7 @@ t.test('bad options are rejected before anything starts', async (t) => {
   t.notOk(existsSync(out), 'no results directory was made');
 });
 
-t.test('the world server: renders pass its judge through the eval\'s pixel path', { skip: skipWorld }, async (t) => {
+t.test('the world server: renders pass its judge through the eval\'s pixel path', { skip: skipWithoutWorld }, async (t) => {
   const world = ShapesWorld.start();
   t.teardown(() => world.close());
   const scenes = await world.scenes(3, 7);

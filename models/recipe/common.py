@@ -3,7 +3,7 @@ let a stage start from the output of the one before it."""
 import math
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Iterable, Optional
 
 import torch
 
@@ -25,6 +25,15 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr * g.get("scale", 1.0)
+
+
+def step(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: Optional[Iterable[torch.Tensor]] = None) -> None:
+    """One optimiser step on `loss`; gradients of `clip` (when given) clipped to norm 1 first."""
+    opt.zero_grad()
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
 
 
 class Log:

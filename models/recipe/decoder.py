@@ -6,20 +6,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench import reference
+
 from .. import shapes
 from ..presets import get_preset
 from ..unet import UNet
 from ..vae import build_vae
 from . import common, data, pipeline
 from .features import load_encoder
-
-
-def train_sigmas(cfg: dict) -> torch.Tensor:
-    """sigma(t) for t = 0..999 of the sampler's scaled-linear schedule."""
-    n = cfg["numTrainTimesteps"]
-    betas = np.linspace(cfg["betaStart"] ** 0.5, cfg["betaEnd"] ** 0.5, n, dtype=np.float64) ** 2
-    ac = np.cumprod(1.0 - betas)
-    return torch.from_numpy(((1 - ac) / ac) ** 0.5).float()
 
 
 def train(steps: int = 2500, batch_size: int = 32, seed: int = 3, feature_noise: float = 0.3) -> None:
@@ -29,7 +23,7 @@ def train(steps: int = 2500, batch_size: int = 32, seed: int = 3, feature_noise:
     p = get_preset("tiny")
     enc, vae = load_encoder(), build_vae(p.vae)
     unet = UNet(p.unet)
-    sig = train_sigmas(pipeline.TINY_SAMPLER["decoder"])
+    sig = torch.from_numpy(reference.train_sigmas(pipeline.TINY_SAMPLER["decoder"])).float()
     opt = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=0.01)
     for step in range(steps):
         common.set_lr(opt, common.lr_at(step, steps, 5e-4, warmup=200))
@@ -43,10 +37,7 @@ def train(steps: int = 2500, batch_size: int = 32, seed: int = 3, feature_noise:
         s = sig[t].view(-1, 1, 1, 1)
         x_in = (x0 + s * torch.randn_like(x0)) / (s ** 2 + 1).sqrt()
         loss = F.mse_loss(unet(x_in, t.float(), feats), x0)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        common.step(opt, loss, unet.parameters())
         if step % 100 == 0 or step == steps - 1:
             log(f"step {step} loss {loss.item():.4f}")
         if step % 1000 == 999 or step == steps - 1:

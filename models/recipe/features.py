@@ -78,9 +78,7 @@ def train(steps: int = 1600, batch_size: int = 48, seed: int = 1) -> None:
         images, t = batch(rng, batch_size)
         ls = losses(heads(enc(images)), t)
         loss = sum(ls.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        common.step(opt, loss)
         if step % 100 == 0 or step == steps - 1:
             log(f"step {step} loss {loss.item():.4f} " + " ".join(f"{k} {v.item():.3f}" for k, v in ls.items()))
     acc = evaluate(enc, heads, np.random.default_rng(seed + 1000))

@@ -75,10 +75,7 @@ def train(stage: str = "generation", steps: int = 1500, batch_size: int = 32, lr
         noise = torch.randn_like(x0)
         xt = (1 - sigma) * x0 + sigma * noise
         loss = F.mse_loss(dit(xt, sigma.flatten() * 1000, cond * keep), noise - x0)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        common.step(opt, loss, params)
         if step % 25 == 0 or step == steps - 1:
             log(f"step {step} loss {loss.item():.4f}")
         if step % check_every == check_every - 1 or step == steps - 1:

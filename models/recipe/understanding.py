@@ -90,10 +90,7 @@ def train(steps: int = 2000, batch_size: int = 48, seed: int = 2) -> None:
             target[i, start - 1:len(s) - 1] = torch.tensor(s[start:])
         out = logits(backbone, embed(backbone, ids, pixels(images), pad_id))
         loss = F.cross_entropy(out.flatten(0, 1), target.flatten(), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        common.step(opt, loss, params)
         if step % 100 == 0 or step == steps - 1:
             log(f"step {step} loss {loss.item():.4f}")
         if step % 500 == 499 or step == steps - 1:
