@@ -1,8 +1,11 @@
 """Lumina-Next DiT with cross-attention (BLIP3-o `NextDiTCrossAttn`): generates CLIP features [N, T, C]
 on a sqrt(T) x sqrt(T) grid (patch 1) by flow matching, conditioned on the backbone's query states.
 
-forward(x, timestep = sigma * 1000, condition [N, Q, H]) -> velocity (noise - data).
+forward(x, timestep = sigma * 1000, condition [N, Q, H]) -> velocity (noise - data);
+the same as step(x, timestep, prepare(condition)), which lets a sampling loop prepare once.
 """
+from typing import List, Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,11 +31,16 @@ class QKNormAttention(nn.Module):
         self.norm_q = nn.LayerNorm(cfg.heads * cfg.head_dim, eps=cfg.eps)
         self.norm_k = nn.LayerNorm(cfg.kv_heads * cfg.head_dim, eps=cfg.eps)
 
-    def forward(self, x: Tensor, context: Tensor, cos: Tensor, sin: Tensor, rope_keys: bool) -> Tensor:
-        N, L, S = x.shape[0], x.shape[1], context.shape[1]
-        q = self.norm_q(self.to_q(x)).view(N, L, self.heads, self.head_dim).transpose(1, 2)
+    def keys_values(self, context: Tensor) -> Tuple[Tensor, Tensor]:
+        """k (normed) and v [N, kv_heads, S, d] of a context; for the caption, the same at every step."""
+        N, S = context.shape[0], context.shape[1]
         k = self.norm_k(self.to_k(context)).view(N, S, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.to_v(context).view(N, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, rope_keys: bool) -> Tensor:
+        N, L = x.shape[0], x.shape[1]
+        q = self.norm_q(self.to_q(x)).view(N, L, self.heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         if rope_keys:  # self-attention only: caption keys have no position on the image grid
             k = apply_rope(k, cos, sin)
@@ -58,11 +66,16 @@ class DitBlock(nn.Module):
         self.ffn_norm2 = RMSNorm(cfg.width, cfg.eps)
         self.feed_forward = SwiGLU(cfg.width, cfg.ffn)
 
-    def forward(self, x: Tensor, caption: Tensor, temb: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def caption_keys_values(self, caption: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.attn2.keys_values(self.norm1_context(caption))
+
+    def forward(self, x: Tensor, caption_k: Tensor, caption_v: Tensor, temb: Tensor, cos: Tensor,
+                sin: Tensor) -> Tensor:
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.norm1_linear(F.silu(temb)).chunk(4, dim=1)
         h = self.norm1(x) * (1 + scale_msa[:, None])
-        self_out = self.attn1(h, h, cos, sin, True)
-        cross_out = self.attn2(h, self.norm1_context(caption), cos, sin, False)
+        k, v = self.attn1.keys_values(h)
+        self_out = self.attn1.attend(h, k, v, cos, sin, True)
+        cross_out = self.attn2.attend(h, caption_k, caption_v, cos, sin, False)
         mixed = self_out + cross_out * self.gate.tanh().to(x.dtype).view(1, 1, -1, 1)
         x = x + gate_msa[:, None].tanh() * self.norm2(self.to_out(mixed.flatten(2)))
         ff = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp[:, None]))
@@ -87,15 +100,31 @@ class DiT(nn.Module):
         self.proj_out = nn.Linear(cfg.width, cfg.channels)
 
     def forward(self, x: Tensor, timestep: Tensor, condition: Tensor) -> Tensor:
-        dtype = self.x_embedder.weight.dtype
-        T = x.shape[1]
-        pos = torch.arange(T, device=x.device)
+        return self.step(x, timestep, self.prepare(condition))
+
+    @torch.jit.export
+    def prepare(self, condition: Tensor) -> List[Tensor]:
+        """What depends on the condition [N, Q, H] alone, the same at every step of a sampling loop: the
+        pooled caption's adaLN term, each block's cross-attention keys and values, the 2D RoPE tables.
+        A runtime calls it once per request and step() per step; forward() is both."""
+        caption = self.caption_projection(condition.to(self.x_embedder.weight.dtype))
+        T = self.grid * self.grid
+        pos = torch.arange(T, device=condition.device)
         cos, sin = rope_2d(pos // self.grid, pos % self.grid, self.head_dim, self.rope_theta)
-        h = self.x_embedder(x.to(dtype))
-        caption = self.caption_projection(condition.to(dtype))
-        temb = self.t_embedder(timestep_embedding(timestep, self.time_freq_dim).to(dtype))
-        temb = temb + self.caption_embedder(caption.mean(1))
+        out = [self.caption_embedder(caption.mean(1)), cos, sin]
         for layer in self.layers:
-            h = layer(h, caption, temb, cos, sin)
+            k, v = layer.caption_keys_values(caption)
+            out += [k, v]
+        return out
+
+    @torch.jit.export
+    def step(self, x: Tensor, timestep: Tensor, prepared: List[Tensor]) -> Tensor:
+        """The velocity at x [N, T, C], timestep [N], given prepare(condition) of the same N rows."""
+        dtype = self.x_embedder.weight.dtype
+        cos, sin = prepared[1], prepared[2]
+        h = self.x_embedder(x.to(dtype))
+        temb = self.t_embedder(timestep_embedding(timestep, self.time_freq_dim).to(dtype)) + prepared[0]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, prepared[3 + 2 * i], prepared[4 + 2 * i], temb, cos, sin)
         h = self.norm_out(h) * (1 + self.norm_out_linear(F.silu(temb))[:, None])
         return self.proj_out(h)

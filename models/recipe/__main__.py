@@ -8,6 +8,7 @@ ones before it):
     features       the "CLIP" encoder whose 8 x 8 patch features the DiT generates
     understanding  backbone (vision tower + LM) on captions and questions; frozen from here on
     decoder        UNet drawing images from features
+    refine         the decoder trained further at a lower rate
     generation     the 64 query tokens + DiT, flow matching onto the features of the caption's image
     instruct       the same on a fixed curated set of hard scenes (pairs, counts)
     bundle         the trained components, exported as a bundle to --out
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("features", "understanding", "decoder", "generation", "instruct", "bundle")
+STAGES = ("features", "understanding", "decoder", "refine", "generation", "instruct", "bundle")
 
 
 def run(stage: str, out: Path) -> None:
@@ -33,6 +34,9 @@ def run(stage: str, out: Path) -> None:
     elif stage == "decoder":
         from .decoder import train
         train()
+    elif stage == "refine":
+        from .decoder import refine
+        refine()
     elif stage == "generation":
         from .generation import train
         train()

@@ -1,12 +1,12 @@
 """Last step: the trained components, as a bundle (the default one, models/tiny)."""
 from pathlib import Path
 
-from ..dit import DiT
 from ..export import export
 from ..presets import get_preset
 from ..vae import build_vae
 from . import common, pipeline
 from .decoder import load_unet
+from .generation import load_dit
 from .understanding import load_backbone
 
 NAME = "blip3o-tiny-shapes"
@@ -16,9 +16,7 @@ def build(out: Path) -> dict:
     """The queries and DiT come from the last generation stage that ran: instruct, else generation."""
     p = get_preset("tiny")
     backbone = load_backbone(p)
-    state = common.load("instruct" if (common.CHECKPOINTS / "instruct.pt").exists() else "generation")
-    backbone.queries.data.copy_(state["queries"])
-    dit = DiT(p.dit)
-    dit.load_state_dict(state["dit"])
-    modules = {"backbone": backbone, "dit": dit.eval(), "decoder": load_unet(p), "vae": build_vae(p.vae).eval()}
+    dit, queries = load_dit(p, "instruct" if (common.CHECKPOINTS / "instruct.pt").exists() else "generation")
+    backbone.queries.data.copy_(queries)
+    modules = {"backbone": backbone, "dit": dit, "decoder": load_unet(p), "vae": build_vae(p.vae).eval()}
     return export(p, out, modules=modules, name=NAME, sampler=pipeline.TINY_SAMPLER)

@@ -2,7 +2,8 @@
 (velocity target, 10% of conditions dropped to zeros for guidance) to produce the CLIP features of the
 caption's image. Stage 5, instruction tuning, runs the same loop on a fixed, curated set of the hard scenes
 (pairs and counts), the way BLIP3-o tunes on BLIP3o-60k after pretraining."""
-from typing import List, Optional
+import copy
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,6 +29,34 @@ def condition(backbone, ids: List[List[int]]) -> torch.Tensor:
     return torch.stack(out)
 
 
+def condition_stats(backbone, tok, rng: np.random.Generator, n: int = 512):
+    """Per-dimension mean and std of the query states over training captions. The frozen LM's states share
+    a large common part; the DiT reads them standardised, which it learns to use several times faster
+    (true vs shuffled caption loss gap x4 at 400 steps). Affine, so folded into caption_projection."""
+    with torch.no_grad():
+        c = condition(backbone, [data.generation_ids(tok, s.caption) for s in data.scenes(rng, n)])
+    return c.mean((0, 1)), c.std((0, 1))
+
+
+def folded(dit: DiT, mu: torch.Tensor, sd: torch.Tensor) -> DiT:
+    """A copy of the DiT that takes raw query states: the standardisation folded into caption_projection
+    (W (c - mu) / sd + b = (W / sd) c + (b - (W / sd) mu)), so the bundle needs nothing new."""
+    out = copy.deepcopy(dit)
+    with torch.no_grad():
+        w = out.caption_projection.weight / sd
+        out.caption_projection.weight.copy_(w)
+        out.caption_projection.bias.sub_(w @ mu)
+    return out
+
+
+def load_dit(p, stage: str) -> Tuple[DiT, torch.Tensor]:
+    """The DiT of a generation stage's checkpoint, folded to take raw query states, and its queries."""
+    state = common.load(stage)
+    dit = DiT(p.dit)
+    dit.load_state_dict(state["dit"])
+    return folded(dit, state["mu"], state["sd"]).eval(), state["queries"]
+
+
 class Pool:
     """Where a step's scenes come from: fresh random training scenes, or a fixed curated set."""
 
@@ -41,7 +70,7 @@ class Pool:
         return [self.fixed[i] for i in self.rng.integers(len(self.fixed), size=n)]
 
 
-def train(stage: str = "generation", steps: int = 1500, batch_size: int = 32, lr: float = 5e-4, seed: int = 4,
+def train(stage: str = "generation", steps: int = 2000, batch_size: int = 32, lr: float = 5e-4, seed: int = 4,
           start: Optional[str] = None, pool_size: int = 0, kinds: Optional[List[str]] = None,
           check_every: int = 500, query_lr: Optional[float] = None) -> None:
     log = common.Log(stage)
@@ -54,10 +83,13 @@ def train(stage: str = "generation", steps: int = 1500, batch_size: int = 32, lr
     with torch.no_grad():
         for block in dit.layers:
             block.gate.fill_(0.3)  # let the caption in from the first step (Lumina starts at 0)
-    if start:  # instruction tuning continues from the pretrained queries and DiT
+    if start:  # instruction tuning continues from the pretrained queries and DiT (and their statistics)
         state = common.load(start)
         dit.load_state_dict(state["dit"])
         backbone.queries.data.copy_(state["queries"])
+        mu, sd = state["mu"], state["sd"]
+    else:
+        mu, sd = condition_stats(backbone, tok, np.random.default_rng(seed + 100))
     backbone.queries.requires_grad_(True)
     params = [backbone.queries] + list(dit.parameters())
     q_scale = (query_lr or lr) / lr  # the queries may learn faster: their gradient reaches them through a frozen LM
@@ -74,16 +106,18 @@ def train(stage: str = "generation", steps: int = 1500, batch_size: int = 32, lr
         sigma = torch.sigmoid(torch.randn(batch_size, 1, 1))  # logit-normal, as SD3 samples it
         noise = torch.randn_like(x0)
         xt = (1 - sigma) * x0 + sigma * noise
-        loss = F.mse_loss(dit(xt, sigma.flatten() * 1000, cond * keep), noise - x0)
+        # dropped conditions are raw zeros, as the runtime's unconditional branch passes them
+        loss = F.mse_loss(dit(xt, sigma.flatten() * 1000, (cond * keep - mu) / sd), noise - x0)
         common.step(opt, loss, params)
         if step % 25 == 0 or step == steps - 1:
             log(f"step {step} loss {loss.item():.4f}")
         if step % check_every == check_every - 1 or step == steps - 1:
             dit.eval()
             if (common.CHECKPOINTS / "decoder.pt").exists():  # stages may overlap: the decoder may still train
-                log("judge, full pipeline on fresh prompts: " + pipeline.fmt(judge(p, tok, backbone, dit, load_unet(p))))
+                acc = judge(p, tok, backbone, folded(dit, mu, sd), load_unet(p))
+                log("judge, full pipeline on fresh prompts: " + pipeline.fmt(acc))
             dit.train()
-    common.save(stage, {"dit": dit.state_dict(), "queries": backbone.queries.detach().clone()})
+    common.save(stage, {"dit": dit.state_dict(), "queries": backbone.queries.detach().clone(), "mu": mu, "sd": sd})
 
 
 def judge(p, tok, backbone, dit, unet, n: int = 60, seed: int = 999, unseen: bool = False) -> dict:

@@ -115,6 +115,7 @@ struct Model::Impl {
   torch::Device device{torch::kCPU};
   torch::ScalarType dtype = torch::kFloat32;
   torch::jit::Module backbone, dit, decoder, vae;
+  bool ditPrepares = false;  // dit.pt has prepare() + step(): the condition's share is computed once per loop
   torch::Tensor negative;  // [1, clip tokens, clip width] float32; set by prepareNegative
   // CPU only: the workers that run the per-sample calls (see groups()). Declared after the modules,
   // so it is destroyed (its threads joined) before them.
@@ -180,13 +181,17 @@ struct Model::Impl {
     const int64_t steps = int64_t(s.timesteps.size());
     const bool guided = s.cfg > 1;
     const int64_t width = guided ? 2 : 1;
-    struct Group { torch::Tensor x, in, cond, t; };
+    struct Group { torch::Tensor x, in, cond, t; torch::IValue prepared; };
     std::vector<Group> gs;
     for (auto [first, n] : groups(x.size(0))) {
       torch::Tensor c = cond.narrow(0, first, n);
       gs.push_back({x.narrow(0, first, n), torch::empty({width * n, x.size(1), x.size(2)}, x.options().dtype(dtype)),
                     (guided ? torch::cat({torch::zeros_like(c), c}) : c).to(dtype),
-                    timestepRows(s.timesteps, width * n)});
+                    timestepRows(s.timesteps, width * n), {}});
+    }
+    if (ditPrepares) {
+      hooks.check();
+      parallel(gs.size(), [&](int gi) { gs[gi].prepared = dit.run_method("prepare", gs[gi].cond); });
     }
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
@@ -196,7 +201,9 @@ struct Model::Impl {
         Group& g = gs[gi];
         const int64_t n = g.x.size(0);
         for (int64_t h = 0; h < width; ++h) g.in.narrow(0, h * n, n).copy_(g.x);
-        torch::Tensor out = spans.time(gi, [&] { return call(dit, {g.in, g.t[i], g.cond}); });
+        torch::Tensor out = spans.time(gi, [&] {
+          return ditPrepares ? dit.run_method("step", g.in, g.t[i], g.prepared).toTensor() : call(dit, {g.in, g.t[i], g.cond});
+        });
         expectShape("dit.pt", out, g.in.sizes());
         out = out.to(torch::kFloat32);
         if (guided) {
@@ -324,7 +331,8 @@ std::unique_ptr<Model> Model::load(const std::string& bundleDir, const LoadOptio
   // Loading is not inference: keep ordinary tensors so that Module::to can replace parameter data.
   c10::InferenceMode notInference(false);
   torch::NoGradGuard noGrad;
-  auto loadModule = [&](const char* key, std::vector<const char*> methods) {
+  // `optional` methods are kept (frozen with the rest) when the file has them.
+  auto loadModule = [&](const char* key, std::vector<const char*> methods, std::vector<const char*> optional = {}) {
     if (check) check();
     const BundleFile& file = impl->manifest.files.at(key);
     torch::jit::Module module;
@@ -338,12 +346,15 @@ std::unique_ptr<Model> Model::load(const std::string& bundleDir, const LoadOptio
     for (const char* method : methods)
       if (!module.find_method(method))
         throw Error(ErrorCode::Bundle, file.path + " has no method '" + method + "' (required by bundle format 1)");
+    for (const char* method : optional)
+      if (module.find_method(method)) methods.push_back(method);
     module.eval();
     module.to(impl->dtype);
     return frozen(module, {methods.begin(), methods.end()});
   };
   impl->backbone = loadModule("backbone", {std::begin(kBackboneMethods), std::end(kBackboneMethods)});
-  impl->dit = loadModule("dit", {"forward"});
+  impl->dit = loadModule("dit", {"forward"}, {"prepare", "step"});
+  impl->ditPrepares = impl->dit.find_method("prepare") && impl->dit.find_method("step");
   impl->decoder = loadModule("decoder", {"forward"});
   impl->vae = loadModule("vae", {"forward"});
   if (!impl->device.is_cuda()) impl->pool = std::make_unique<WorkerPool>(options.threads);

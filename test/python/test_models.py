@@ -60,6 +60,17 @@ def test_scripted_matches_eager(tiny, name):
         close(scripted[name](*args), eager[name](*args))
 
 
+def test_dit_prepare_then_step_is_forward(tiny):
+    """The runtime prepares the condition once and calls step() each step: the same bytes as forward()."""
+    preset, _, scripted = tiny
+    x, t, cond = tiny_inputs(preset, 2)["dit"]
+    frozen = torch.jit.freeze(scripted["dit"], ["forward", "prepare", "step"])
+    with torch.no_grad():
+        prepared = frozen.prepare(cond)
+        assert torch.equal(frozen.step(x, t, prepared), frozen(x, t, cond))
+        assert torch.equal(frozen.step(x, t * 0.5, prepared), frozen(x, t * 0.5, cond))  # reused across steps
+
+
 def test_backbone_scripted_matches_eager(tiny):
     preset, eager, scripted = tiny
     e, s = eager["backbone"], scripted["backbone"]
