@@ -14,6 +14,7 @@ ones before it):
     bundle         the trained components, exported as a bundle to --out
 """
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -21,32 +22,21 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("features", "understanding", "decoder", "refine", "generation", "instruct", "bundle")
+# stage -> (module, function), in recipe order; imported when the stage runs (each pulls in torch models)
+TRAINERS = {"features": ("features", "train"), "understanding": ("understanding", "train"),
+            "decoder": ("decoder", "train"), "refine": ("decoder", "refine"),
+            "generation": ("generation", "train"), "instruct": ("generation", "instruct")}
+STAGES = tuple(TRAINERS) + ("bundle",)
 
 
 def run(stage: str, out: Path) -> None:
-    if stage == "features":
-        from .features import train
-        train()
-    elif stage == "understanding":
-        from .understanding import train
-        train()
-    elif stage == "decoder":
-        from .decoder import train
-        train()
-    elif stage == "refine":
-        from .decoder import refine
-        refine()
-    elif stage == "generation":
-        from .generation import train
-        train()
-    elif stage == "instruct":
-        from .generation import instruct
-        instruct()
-    else:
+    if stage == "bundle":
         from .bundle import build
         m = build(out)
         print(f"wrote {out} ({m['name']})", flush=True)
+        return
+    module, function = TRAINERS[stage]
+    getattr(importlib.import_module(f".{module}", __package__), function)()
 
 
 def main() -> None:

@@ -73,5 +73,5 @@ def ceiling(enc, unet, p, n: int = 60, seed: int = 777) -> dict:
 def load_unet(p) -> UNet:
     """The refined decoder when that stage has run, else the decoder stage's."""
     unet = UNet(p.unet)
-    unet.load_state_dict(common.load("refine" if (common.CHECKPOINTS / "refine.pt").exists() else "decoder")["unet"])
+    unet.load_state_dict(common.load(common.latest("refine", "decoder"))["unet"])
     return unet.eval().requires_grad_(False)
