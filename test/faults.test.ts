@@ -184,8 +184,7 @@ t.test('faults', { skip: skipWithoutRuntime }, async (t) => {
     dirs.push(short);
     await t.rejects(loadModel(short, { device: 'cpu' }), {
       name: 'Blip3oRuntimeError',
-      // on CPU each guidance branch is its own one-row call
-      message: /dit\.pt returned a tensor of shape \[1, 1, 32\], expected \[1, 64, 32\]/,
+      message: /dit\.pt returned a tensor of shape \[2, 1, 32\], expected \[2, 64, 32\]/,
     });
     await unchanged(t, 'broken bundles');
   });

@@ -172,147 +172,99 @@ struct Model::Impl {
     return torch::tensor(t, torch::kFloat32).unsqueeze(1).expand({-1, n}).contiguous().to(device);
   }
 
-  // One module call of a sampling loop's step: `branches` blocks of its group's rows, one per
-  // guidance branch it holds, each with its own condition. On CPU every branch of every sample is
-  // a call of its own, so that one guided sample keeps two cores busy (its branches side by side);
-  // on CUDA one call holds all the branches of the batch.
-  struct Call {
-    size_t group;
-    int64_t branches;
-    torch::Tensor in, cond, t, out;
-    torch::IValue prepared;
-  };
-
-  // The calls of a loop over `rows` [B, ...]: branchConds(first, n) gives each branch's condition
-  // for rows [first, first + n). Calls are in group order, a group's branches in order.
-  std::vector<Call> makeCalls(const torch::Tensor& rows, const std::vector<double>& timesteps,
-                              const std::function<std::vector<torch::Tensor>(int64_t, int64_t)>& branchConds) {
-    std::vector<Call> calls;
-    auto gs = groups(rows.size(0));
-    for (size_t gi = 0; gi < gs.size(); ++gi) {
-      auto [first, n] = gs[gi];
-      std::vector<torch::Tensor> conds = branchConds(first, n);
-      std::vector<std::vector<torch::Tensor>> split;
-      if (pool)
-        for (auto& c : conds) split.push_back({c});
-      else
-        split.push_back(conds);
-      for (auto& part : split) {
-        std::vector<int64_t> shape = rows.sizes().vec();
-        shape[0] = int64_t(part.size()) * n;
-        calls.push_back({gi, int64_t(part.size()), torch::empty(shape, rows.options().dtype(dtype)),
-                         torch::cat(part).to(dtype), timestepRows(timesteps, shape[0]), {}, {}});
-      }
-    }
-    return calls;
-  }
-
-  // Runs one step's calls: each copies its group's input into every branch block of its buffer,
-  // then run(call) gives the output, kept as float32 in call.out.
-  void runCalls(std::vector<Call>& calls, const std::vector<torch::Tensor>& inputs, const char* what,
-                const std::function<torch::Tensor(Call&)>& run) {
-    parallel(calls.size(), [&](int ci) {
-      Call& c = calls[ci];
-      const torch::Tensor& x = inputs[c.group];
-      const int64_t n = x.size(0);
-      for (int64_t h = 0; h < c.branches; ++h) c.in.narrow(0, h * n, n).copy_(x);
-      torch::Tensor out = spans.time(ci, [&] { return run(c); });
-      expectShape(what, out, c.in.sizes());
-      c.out = out.to(torch::kFloat32);
-    });
-  }
-
-  // Branch h's output [n, ...] of group gi after runCalls.
-  static torch::Tensor branchOut(const std::vector<Call>& calls, size_t gi, int64_t width, int64_t h, int64_t n) {
-    size_t first = 0;
-    while (calls[first].group != gi) ++first;
-    const Call& c = calls[first];
-    return c.branches == width ? c.out.narrow(0, h * n, n) : calls[first + h].out;
-  }
-
-  // Flow-matching Euler over x [B,T,C] (float32, updated in place). CFG's branches are [uncond,
-  // cond]; the update is in place with the same operations (and so the same bytes) as
-  // x + dsigma * (vu + cfg (vc - vu)). At guidance 1 or less the conditional branch runs alone, as
-  // in diffusers.
+  // Flow-matching Euler over x [B,T,C] (float32, updated in place). Each call is a CFG pair
+  // [uncond, cond] in an input buffer reused every step; the update is in place with the same
+  // operations (and so the same bytes) as x + dsigma * (vu + cfg (vc - vu)). At guidance 1 or less
+  // the conditional branch runs alone, as in diffusers.
   torch::Tensor runDit(const torch::Tensor& cond, torch::Tensor x, const DitSampling& s, const JobHooks& hooks,
                        bool report, StageClock& clock) {
     const int64_t steps = int64_t(s.timesteps.size());
     const bool guided = s.cfg > 1;
     const int64_t width = guided ? 2 : 1;
-    auto gs = groups(x.size(0));
-    std::vector<torch::Tensor> xs;
-    for (auto [first, n] : gs) xs.push_back(x.narrow(0, first, n));
-    std::vector<Call> calls = makeCalls(x, s.timesteps, [&](int64_t first, int64_t n) {
+    struct Group { torch::Tensor x, in, cond, t; torch::IValue prepared; };
+    std::vector<Group> gs;
+    for (auto [first, n] : groups(x.size(0))) {
       torch::Tensor c = cond.narrow(0, first, n);
-      return guided ? std::vector<torch::Tensor>{torch::zeros_like(c), c} : std::vector<torch::Tensor>{c};
-    });
+      gs.push_back({x.narrow(0, first, n), torch::empty({width * n, x.size(1), x.size(2)}, x.options().dtype(dtype)),
+                    (guided ? torch::cat({torch::zeros_like(c), c}) : c).to(dtype),
+                    timestepRows(s.timesteps, width * n), {}});
+    }
     if (ditPrepares) {
       hooks.check();
-      parallel(calls.size(), [&](int ci) { calls[ci].prepared = dit.run_method("prepare", calls[ci].cond); });
+      parallel(gs.size(), [&](int gi) { gs[gi].prepared = dit.run_method("prepare", gs[gi].cond); });
     }
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
       auto t0 = Clock::now();
       const double dsigma = s.sigmas[i + 1] - s.sigmas[i];
-      runCalls(calls, xs, "dit.pt", [&](Call& c) {
-        return ditPrepares ? dit.run_method("step", c.in, c.t[i], c.prepared).toTensor() : call(dit, {c.in, c.t[i], c.cond});
+      parallel(gs.size(), [&](int gi) {
+        Group& g = gs[gi];
+        const int64_t n = g.x.size(0);
+        for (int64_t h = 0; h < width; ++h) g.in.narrow(0, h * n, n).copy_(g.x);
+        torch::Tensor out = spans.time(gi, [&] {
+          return ditPrepares ? dit.run_method("step", g.in, g.t[i], g.prepared).toTensor() : call(dit, {g.in, g.t[i], g.cond});
+        });
+        expectShape("dit.pt", out, g.in.sizes());
+        out = out.to(torch::kFloat32);
+        if (guided) {
+          torch::Tensor vu = out.narrow(0, 0, n), vc = out.narrow(0, n, n);
+          g.x.add_((vc - vu).mul_(s.cfg).add_(vu).mul_(dsigma));
+        } else {
+          g.x.add_(out.mul_(dsigma));
+        }
       });
       clock.callMs += spans.takeUnionMs();
-      for (size_t gi = 0; gi < gs.size(); ++gi) {
-        const int64_t n = gs[gi].second;
-        if (guided) {
-          torch::Tensor vu = branchOut(calls, gi, width, 0, n), vc = branchOut(calls, gi, width, 1, n);
-          xs[gi].add_((vc - vu).mul_(s.cfg).add_(vu).mul_(dsigma));
-        } else {
-          xs[gi].add_(branchOut(calls, gi, width, 0, n).mul_(dsigma));
-        }
-      }
       if (report && hooks.progress) hooks.progress("dit", int(i + 1), int(steps));
       clock.stepMs.push_back(msSince(t0));
     }
     return x;
   }
 
-  // Euler discrete (k-diffusion form) over z [B,c,h,w] (float32, updated in place); CFG's branches
-  // are [cond, negative]; no negative at guidance 1 or less.
+  // Euler discrete (k-diffusion form) over z [B,c,h,w] (float32, updated in place); CFG pairs
+  // [cond, negative], the features half of the input built once; no negative at guidance 1 or less.
   void runDecoder(const torch::Tensor& features, torch::Tensor& z, const GenerateRequest& req, const JobHooks& hooks,
                   StageClock& clock) {
     const int64_t steps = int64_t(req.decoderTimesteps.size());
     const std::string& prediction = manifest.decoder.predictionType;
     const bool guided = req.decoderCfg > 1;
     const int64_t width = guided ? 2 : 1;
-    auto gs = groups(z.size(0));
-    std::vector<Call> calls = makeCalls(z, req.decoderTimesteps, [&](int64_t first, int64_t n) {
+    struct Group { torch::Tensor z, in, features, t; };
+    std::vector<Group> gs;
+    for (auto [first, n] : groups(z.size(0))) {
+      std::vector<int64_t> shape = z.sizes().vec();
+      shape[0] = width * n;
       torch::Tensor f = features.narrow(0, first, n);
-      return guided ? std::vector<torch::Tensor>{f, negative.expand({n, -1, -1})} : std::vector<torch::Tensor>{f};
-    });
+      gs.push_back({z.narrow(0, first, n), torch::empty(shape, z.options().dtype(dtype)),
+                    (guided ? torch::cat({f, negative.expand({n, -1, -1})}) : f).to(dtype),
+                    timestepRows(req.decoderTimesteps, width * n)});
+    }
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
       auto t0 = Clock::now();
       const double s = req.decoderSigmas[i], dsigma = req.decoderSigmas[i + 1] - s;
-      std::vector<torch::Tensor> zs, zins;
-      for (auto [first, n] : gs) {
-        zs.push_back(z.narrow(0, first, n));
-        zins.push_back(zs.back() / std::sqrt(s * s + 1));
-      }
-      runCalls(calls, zins, "decoder.pt", [&](Call& c) { return call(decoder, {c.in, c.t[i], c.cond}); });
-      clock.callMs += spans.takeUnionMs();
-      for (size_t gi = 0; gi < gs.size(); ++gi) {
-        const int64_t n = gs[gi].second;
-        torch::Tensor out = branchOut(calls, gi, width, 0, n);
+      parallel(gs.size(), [&](int gi) {
+        Group& g = gs[gi];
+        const int64_t n = g.z.size(0);
+        torch::Tensor zin = g.z / std::sqrt(s * s + 1);
+        for (int64_t h = 0; h < width; ++h) g.in.narrow(0, h * n, n).copy_(zin);
+        torch::Tensor o = spans.time(gi, [&] { return call(decoder, {g.in, g.t[i], g.features}); });
+        expectShape("decoder.pt", o, g.in.sizes());
+        o = o.to(torch::kFloat32);
+        torch::Tensor out = o;
         if (guided) {
-          torch::Tensor on = branchOut(calls, gi, width, 1, n);
-          out = (out - on).mul_(req.decoderCfg).add_(on);  // on + cfg (oc - on)
+          torch::Tensor oc = o.narrow(0, 0, n), on = o.narrow(0, n, n);
+          out = (oc - on).mul_(req.decoderCfg).add_(on);  // on + cfg (oc - on)
         }
         torch::Tensor denoised;
         if (prediction == "epsilon")
-          denoised = zs[gi] - out.mul_(s);
+          denoised = g.z - out.mul_(s);
         else if (prediction == "sample")
           denoised = out;
         else  // v_prediction
-          denoised = out * (-s / std::sqrt(s * s + 1)) + zs[gi] / (s * s + 1);
-        zs[gi].add_(((zs[gi] - denoised) / s).mul_(dsigma));
-      }
+          denoised = out * (-s / std::sqrt(s * s + 1)) + g.z / (s * s + 1);
+        g.z.add_(((g.z - denoised) / s).mul_(dsigma));
+      });
+      clock.callMs += spans.takeUnionMs();
       if (hooks.progress) hooks.progress("decoder", int(i + 1), int(steps));
       clock.stepMs.push_back(msSince(t0));
     }
