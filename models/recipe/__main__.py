@@ -6,7 +6,9 @@
 Stages (each writes models/recipe/checkpoints/<stage>.pt and starts from the committed checkpoints of the
 ones before it):
     features       the "CLIP" encoder whose 8 x 8 patch features the DiT generates
-    understanding  backbone (vision tower + LM) on captions and questions; frozen from here on
+    understanding  backbone (vision tower + LM) on captions and questions
+    ground         the same continued, with dense cell targets for the vision tower and questions about
+                   generation prompts; the backbone is frozen from here on
     decoder        UNet drawing images from features
     refine         the decoder trained further at a lower rate
     generation     the 64 query tokens + DiT, flow matching onto the features of the caption's image
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 # stage -> (module, function), in recipe order; imported when the stage runs (each pulls in torch models)
-TRAINERS = {"features": ("features", "train"), "understanding": ("understanding", "train"),
+TRAINERS = {"features": ("features", "train"), "understanding": ("understanding", "train"), "ground": ("understanding", "ground"),
             "decoder": ("decoder", "train"), "refine": ("decoder", "refine"),
             "generation": ("generation", "train"), "instruct": ("generation", "instruct")}
 STAGES = tuple(TRAINERS) + ("bundle",)

@@ -68,6 +68,17 @@ def understanding_ids(tok: Encoder, image_tokens: int, question: str, answer: st
     return prompt + tok.encode(answer + "<|im_end|>"), len(prompt)
 
 
+# A second user turn after a generation: a question about the image just generated, from its prompt alone
+FOLLOW_UP = "<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def follow_up_ids(tok: Encoder, caption: str, question: str, answer: str) -> Tuple[List[int], int]:
+    """The generation prompt, then a question about the caption and its answer: the prompt's states must
+    hold what the caption says (the query tokens read the same states)."""
+    prompt = generation_ids(tok, caption) + tok.encode(FOLLOW_UP.format(question=question))
+    return prompt + tok.encode(answer + "<|im_end|>"), len(prompt)
+
+
 def by_length(ids: List[List[int]]) -> Dict[int, List[int]]:
     """Indices grouped by sequence length: the backbone's condition() takes unpadded equal-length rows."""
     groups: Dict[int, List[int]] = {}

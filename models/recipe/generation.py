@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import shapes
 from ..dit import DiT
-from ..presets import get_preset
+from ..presets import TEMPLATES, get_preset
 from ..vae import build_vae
 from . import common, data, pipeline
 from .decoder import load_unet
@@ -50,11 +50,27 @@ def folded(dit: DiT, mu: torch.Tensor, sd: torch.Tensor) -> DiT:
 
 
 def load_dit(p, stage: str) -> Tuple[DiT, torch.Tensor]:
-    """The DiT of a generation stage's checkpoint, folded to take raw query states, and its queries."""
+    """The averaged DiT of a generation stage's checkpoint, folded to take raw query states, and its queries."""
     state = common.load(stage)
     dit = DiT(p.dit)
     dit.load_state_dict(state["dit"])
     return folded(dit, state["mu"], state["sd"]).eval(), state["queries"]
+
+
+class Conditions:
+    """Query states of captions while the queries are frozen, each caption computed once: the grammar has
+    about 5000 training captions, and the backbone's forward is a third of a step."""
+
+    def __init__(self, backbone, tok):
+        self.backbone, self.tok, self.known = backbone, tok, {}
+
+    @torch.no_grad()
+    def get(self, captions: List[str]) -> torch.Tensor:
+        new = sorted({c for c in captions if c not in self.known})
+        if new:
+            for c, h in zip(new, condition(self.backbone, [data.generation_ids(self.tok, c) for c in new])):
+                self.known[c] = h
+        return torch.stack([self.known[c] for c in captions])
 
 
 class Pool:
@@ -70,9 +86,22 @@ class Pool:
         return [self.fixed[i] for i in self.rng.integers(len(self.fixed), size=n)]
 
 
-def train(stage: str = "generation", steps: int = 2000, batch_size: int = 32, lr: float = 5e-4, seed: int = 4,
+def follow_up_queries(backbone, tok) -> torch.Tensor:
+    """Initial queries [Q, H]: the embeddings of a follow-up turn asking to describe the image, repeated.
+    The understanding stages taught the LM to answer it from the prompt alone, so from the first step the
+    query states hold what the caption says (random queries start far weaker: shared/TRAINING.md)."""
+    ids = tok.encode(data.FOLLOW_UP.format(question=TEMPLATES["defaultQuestion"]))
+    q = backbone.queries.shape[0]
+    return backbone.embed_tokens.weight[[ids[i % len(ids)] for i in range(q)]].detach().clone()
+
+
+def train(stage: str = "generation", steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, seed: int = 4,
           start: Optional[str] = None, pool_size: int = 0, kinds: Optional[List[str]] = None,
-          check_every: int = 500, query_lr: Optional[float] = None) -> None:
+          check_every: int = 500, query_lr: float = 1e-4, query_start: int = 1700, ema_decay: float = 0.999) -> None:
+    """Queries train from step `query_start` at `query_lr`; before that the DiT learns to read their
+    initial states, which are computed without gradients (the LM's backward is most of a step's cost).
+    The DiT that samples (checks, bundle) and that the checkpoint keeps is the exponential moving average
+    of the trained one."""
     log = common.Log(stage)
     common.seed_everything(seed)
     rng = np.random.default_rng(seed)
@@ -85,23 +114,29 @@ def train(stage: str = "generation", steps: int = 2000, batch_size: int = 32, lr
             block.gate.fill_(0.3)  # let the caption in from the first step (Lumina starts at 0)
     if start:  # instruction tuning continues from the pretrained queries and DiT (and their statistics)
         state = common.load(start)
-        dit.load_state_dict(state["dit"])
+        dit.load_state_dict(state["dit"])  # the averaged DiT: a continuing stage trains on from it
         backbone.queries.data.copy_(state["queries"])
         mu, sd = state["mu"], state["sd"]
     else:
+        backbone.queries.data.copy_(follow_up_queries(backbone, tok))
         mu, sd = condition_stats(backbone, tok, np.random.default_rng(seed + 100))
-    backbone.queries.requires_grad_(True)
+    ema = copy.deepcopy(dit).requires_grad_(False)
     params = [backbone.queries] + list(dit.parameters())
-    q_scale = (query_lr or lr) / lr  # the queries may learn faster: their gradient reaches them through a frozen LM
-    opt = torch.optim.AdamW([{"params": [backbone.queries], "scale": q_scale},
+    opt = torch.optim.AdamW([{"params": [backbone.queries], "scale": query_lr / lr},
                              {"params": list(dit.parameters()), "scale": 1.0}], lr=lr, weight_decay=0.01)
     pool = Pool(rng, pool_size, kinds)
+    frozen = Conditions(backbone, tok)
     for step in range(steps):
         common.set_lr(opt, common.lr_at(step, steps, lr, warmup=100 if start else 200))
+        train_queries = step >= query_start
+        backbone.queries.requires_grad_(train_queries)
         ss = pool.draw(batch_size)
         with torch.no_grad():
             x0 = enc(data.to_tensor([shapes.render(s, antialias=False) for s in ss]))
-        cond = condition(backbone, [data.generation_ids(tok, s.caption) for s in ss])
+        if train_queries:
+            cond = condition(backbone, [data.generation_ids(tok, s.caption) for s in ss])
+        else:
+            cond = frozen.get([s.caption for s in ss])
         keep = (torch.rand(batch_size, 1, 1) >= 0.1).float()  # 10% dropped to the all-zeros condition
         sigma = torch.sigmoid(torch.randn(batch_size, 1, 1))  # logit-normal, as SD3 samples it
         noise = torch.randn_like(x0)
@@ -109,15 +144,19 @@ def train(stage: str = "generation", steps: int = 2000, batch_size: int = 32, lr
         # dropped conditions are raw zeros, as the runtime's unconditional branch passes them
         loss = F.mse_loss(dit(xt, sigma.flatten() * 1000, (cond * keep - mu) / sd), noise - x0)
         common.step(opt, loss, params)
+        average(ema, dit, min(ema_decay, (1 + step) / (10 + step)))
         if step % 25 == 0 or step == steps - 1:
             log(f"step {step} loss {loss.item():.4f}")
         if step % check_every == check_every - 1 or step == steps - 1:
-            dit.eval()
-            if (common.CHECKPOINTS / "decoder.pt").exists():  # stages may overlap: the decoder may still train
-                acc = judge(p, tok, backbone, folded(dit, mu, sd), load_unet(p))
-                log("judge, full pipeline on fresh prompts: " + pipeline.fmt(acc))
-            dit.train()
-    common.save(stage, {"dit": dit.state_dict(), "queries": backbone.queries.detach().clone(), "mu": mu, "sd": sd})
+            acc = judge(p, tok, backbone, folded(ema, mu, sd).eval(), load_unet(p))
+            log("judge (averaged DiT), full pipeline on fresh prompts: " + pipeline.fmt(acc))
+    common.save(stage, {"dit": ema.state_dict(), "queries": backbone.queries.detach().clone(), "mu": mu, "sd": sd})
+
+
+@torch.no_grad()
+def average(ema: DiT, dit: DiT, decay: float) -> None:
+    for e, w in zip(ema.parameters(), dit.parameters()):
+        e.mul_(decay).add_(w.detach(), alpha=1 - decay)
 
 
 def judge(p, tok, backbone, dit, unet, n: int = 60, seed: int = 999, unseen: bool = False) -> dict:
@@ -132,4 +171,4 @@ def judge(p, tok, backbone, dit, unet, n: int = 60, seed: int = 999, unseen: boo
 
 def instruct(steps: int = 500) -> None:
     train("instruct", steps=steps, lr=1.5e-4, seed=5, start="generation", pool_size=6000, kinds=["pair", "count"],
-          check_every=250)
+          check_every=250, query_lr=1.5e-5, query_start=0)

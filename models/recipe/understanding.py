@@ -1,7 +1,7 @@
 """Stage 2, understanding: the backbone (vision tower + LM) learns to caption scenes and answer the
 questions of the shapes world, in the understanding template the runtime uses. BLIP3-o starts from a
 trained Qwen2.5-VL and freezes it; ours is trained here first, then frozen for every later stage."""
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,15 +21,17 @@ def image_tokens(p: Preset) -> int:
     return (p.image[0] // (p.vision.patch * p.vision.merge)) * (p.image[1] // (p.vision.patch * p.vision.merge))
 
 
-def embed(backbone: Backbone, ids: Tensor, images: Tensor, pad_id: int) -> Tensor:
-    """Token embeddings with each image's tokens spliced in at its <|image_pad|> positions (as the runtime
-    does); images [N, 3, H, W] normalised."""
-    x = backbone.embed_tokens(ids)
+def visual(backbone: Backbone, images: Tensor) -> Tensor:
+    """[N, 3, H, W] normalised -> image tokens [N, k, H]."""
     vis = backbone.visual(images)
-    if images.shape[0] == 1:
-        vis = vis.unsqueeze(0)  # [N, k, H]
-    mask = (ids == pad_id).unsqueeze(-1)
-    return x.masked_scatter(mask, vis.to(x.dtype))
+    return vis.unsqueeze(0) if images.shape[0] == 1 else vis
+
+
+def embed(backbone: Backbone, ids: Tensor, vis: Tensor, pad_id: int) -> Tensor:
+    """Token embeddings with each image's tokens vis [N, k, H] spliced in at its <|image_pad|> positions
+    (as the runtime does)."""
+    x = backbone.embed_tokens(ids)
+    return x.masked_scatter((ids == pad_id).unsqueeze(-1), vis.to(x.dtype))
 
 
 def logits(backbone: Backbone, x: Tensor) -> Tensor:
@@ -48,17 +50,22 @@ def init_weights(backbone: Backbone) -> None:
                 torch.nn.init.zeros_(m.bias)
 
 
-def sample_tasks(rng: np.random.Generator, n: int) -> Tuple[List[np.ndarray], List[Tuple[str, str]]]:
-    """n scenes, each rendered with or without anti-aliasing, with the default question (-> the canonical
-    caption) two times in five, else one of its questions."""
-    images, qas = [], []
-    for s in data.scenes(rng, n):
+def pick_question(rng: np.random.Generator, s: shapes.Scene, caption_share: float) -> Tuple[str, str]:
+    """The default question (-> the canonical caption) with probability caption_share, else one of the
+    scene's questions."""
+    if rng.random() < caption_share:
+        return TEMPLATES["defaultQuestion"], s.caption
+    return s.qa[int(rng.integers(len(s.qa)))]
+
+
+def sample_tasks(rng: np.random.Generator, n: int, caption_share: float = 0.4):
+    """n scenes, each rendered with or without anti-aliasing, and a question about each: (scenes, images,
+    question-answer pairs)."""
+    ss, images, qas = data.scenes(rng, n), [], []
+    for s in ss:
         images.append(shapes.render(s, antialias=bool(rng.integers(2))))
-        if rng.random() < 0.4:
-            qas.append((TEMPLATES["defaultQuestion"], s.caption))
-        else:
-            qas.append(s.qa[int(rng.integers(len(s.qa)))])
-    return images, qas
+        qas.append(pick_question(rng, s, caption_share))
+    return ss, images, qas
 
 
 def pixels(images: List[np.ndarray]) -> Tensor:
@@ -67,46 +74,98 @@ def pixels(images: List[np.ndarray]) -> Tensor:
     return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
 
-def train(steps: int = 2000, batch_size: int = 48, seed: int = 2) -> None:
-    log = common.Log("understanding")
+class CellHeads(torch.nn.Module):
+    """Training-only linear read-outs of each merged image token: the colour and shape of the object over
+    each of the 2 x 2 feature cells it covers. Dense targets teach the vision tower shape far faster than a
+    few caption tokens do (it answered "what shape is it?" near chance after the first stage)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, 4 * (len(data.COLOR_IDS) + 1 + len(data.SHAPE_IDS) + 1))
+
+    def loss(self, tokens: Tensor, ss: List[shapes.Scene]) -> Tensor:
+        t = data.target_batch(ss)  # per cell, row-major [N, 64]
+        N, g = tokens.shape[0], data.GRID // 2
+        out = self.proj(tokens).view(N, g, g, 2, 2, -1)  # merged token (row, col), its cell (row, col)
+        n_col = len(data.COLOR_IDS) + 1
+        loss = tokens.new_zeros(())
+        for key, sl in (("color", slice(0, n_col)), ("shape", slice(n_col, None))):
+            target = t[key].view(N, g, 2, g, 2).permute(0, 1, 3, 2, 4)
+            loss = loss + F.cross_entropy(out[..., sl].flatten(0, 4), target.flatten())
+        return loss
+
+
+def lm_loss(backbone: Backbone, seqs: List[Tuple[List[int], int]], vis: Optional[Tensor], pad_id: int) -> Tensor:
+    """Next-token loss on what follows each sequence's prompt (images spliced in at <|image_pad|>)."""
+    L = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), L), PAD, dtype=torch.int64)
+    target = torch.full((len(seqs), L), -100, dtype=torch.int64)
+    for i, (s, start) in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        target[i, start - 1:len(s) - 1] = torch.tensor(s[start:])
+    x = backbone.embed_tokens(ids) if vis is None else embed(backbone, ids, vis, pad_id)
+    return F.cross_entropy(logits(backbone, x).flatten(0, 1), target.flatten(), ignore_index=-100)
+
+
+def train(stage: str = "understanding", steps: int = 2000, batch_size: int = 48, seed: int = 2, lr: float = 1e-3,
+          start: Optional[str] = None, caption_share: float = 0.4, text_rows: int = 0, cells: float = 0.0) -> None:
+    """Captions and questions on rendered scenes. A continuing stage may add `text_rows` rows per step of
+    questions about a generation prompt's caption (no image) and the dense `cells` loss on image tokens."""
+    log = common.Log(stage)
     common.seed_everything(seed)
     rng = np.random.default_rng(seed)
     p = get_preset("tiny")
     tok = data.tokenizer(p.backbone.vocab, p.backbone.context)
     pad_id, k = tok.vocab["<|image_pad|>"], image_tokens(p)
     backbone = Backbone(p.backbone, p.vision)
-    init_weights(backbone)
-    params = [q for n, q in backbone.named_parameters() if n != "queries"]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    if start:
+        backbone.load_state_dict(common.load(start)["backbone"])
+    else:
+        init_weights(backbone)
+    heads = CellHeads(p.backbone.hidden)
+    params = [q for n, q in backbone.named_parameters() if n != "queries"] + (list(heads.parameters()) if cells else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     for step in range(steps):
-        common.set_lr(opt, common.lr_at(step, steps, 1e-3, warmup=200))
-        images, qas = sample_tasks(rng, batch_size)
+        common.set_lr(opt, common.lr_at(step, steps, lr, warmup=100 if start else 200))
+        ss, images, qas = sample_tasks(rng, batch_size, caption_share)
+        vis = visual(backbone, pixels(images))
         seqs = [data.understanding_ids(tok, k, q, a) for q, a in qas]
-        L = max(len(s) for s, _ in seqs)
-        ids = torch.full((batch_size, L), PAD, dtype=torch.int64)
-        target = torch.full((batch_size, L), -100, dtype=torch.int64)
-        for i, (s, start) in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            target[i, start - 1:len(s) - 1] = torch.tensor(s[start:])
-        out = logits(backbone, embed(backbone, ids, pixels(images), pad_id))
-        loss = F.cross_entropy(out.flatten(0, 1), target.flatten(), ignore_index=-100)
-        common.step(opt, loss, params)
+        losses = {"image": lm_loss(backbone, seqs, vis, pad_id)}
+        if cells:
+            losses["cells"] = cells * heads.loss(vis, ss)
+        if text_rows:
+            seqs = [data.follow_up_ids(tok, s.caption, *pick_question(rng, s, caption_share))
+                    for s in data.scenes(rng, text_rows)]
+            losses["text"] = lm_loss(backbone, seqs, None, pad_id)
+        common.step(opt, sum(losses.values()), params)
         if step % 100 == 0 or step == steps - 1:
-            log(f"step {step} loss {loss.item():.4f}")
+            log(f"step {step} " + " ".join(f"{n} {v.item():.4f}" for n, v in losses.items()))
         if step % 500 == 499 or step == steps - 1:
             log("greedy on fresh scenes: " + " ".join(f"{k} {v:.3f}" for k, v in evaluate(backbone, tok, p).items()))
-    common.save("understanding", {"backbone": backbone.state_dict()})
+    common.save(stage, {"backbone": backbone.state_dict(), "cell_heads": heads.state_dict()})
+
+
+def ground(steps: int = 2000) -> None:
+    """Understanding continued from its checkpoint, with dense cell targets for the vision tower and
+    questions about generation prompts (the LM must carry a prompt's content in its states, which is what
+    the query tokens will read), more captions, at half the rate."""
+    train("ground", steps=steps, seed=7, lr=5e-4, start="understanding", caption_share=0.5, text_rows=8, cells=1.0)
 
 
 @torch.no_grad()
-def answer(backbone: Backbone, tok, p: Preset, images: List[np.ndarray], questions: List[str],
-           max_tokens: int = 20) -> List[str]:
-    """Greedy answers, prompts of one length batched together (no cache: a check, not the runtime)."""
+def answer(backbone: Backbone, tok, p: Preset, images: Optional[List[np.ndarray]], questions: List[str],
+           max_tokens: int = 20, captions: Optional[List[str]] = None) -> List[str]:
+    """Greedy answers about images, or (captions given) follow-up answers about generation prompts; prompts
+    of one length batched together (no cache: a check, not the runtime)."""
     k, pad_id = image_tokens(p), tok.vocab["<|image_pad|>"]
-    prompts = [tok.encode(TEMPLATES["understanding"].format(image="<|image_pad|>" * k, question=q)) for q in questions]
+    if captions is None:
+        prompts = [tok.encode(TEMPLATES["understanding"].format(image="<|image_pad|>" * k, question=q)) for q in questions]
+    else:
+        prompts = [data.follow_up_ids(tok, c, q, "")[0][:-1] for c, q in zip(captions, questions)]  # drop <|im_end|>
     outs: List[str] = [""] * len(prompts)
     for _, rows in sorted(data.by_length(prompts).items()):
-        x = embed(backbone, torch.tensor([prompts[i] for i in rows]), pixels([images[i] for i in rows]), pad_id)
+        ids = torch.tensor([prompts[i] for i in rows])
+        x = backbone.embed_tokens(ids) if images is None else embed(backbone, ids, visual(backbone, pixels([images[i] for i in rows])), pad_id)
         gen = torch.zeros(len(rows), 0, dtype=torch.int64)
         for _ in range(max_tokens):
             nxt = logits(backbone, x)[:, -1].argmax(-1)
@@ -129,12 +188,15 @@ def evaluate(backbone: Backbone, tok, p: Preset, n: int = 48, seed: int = 12345)
     caps = answer(backbone, tok, p, imgs, [TEMPLATES["defaultQuestion"]] * n)
     qs = [s.qa[i % len(s.qa)] for i, s in enumerate(ss)]
     ans = answer(backbone, tok, p, imgs, [q for q, _ in qs])
+    follow = answer(backbone, tok, p, None, [q for q, _ in qs], captions=[s.caption for s in ss])
     backbone.train()
     return {"caption exact": float(np.mean([c == s.caption for c, s in zip(caps, ss)])),
-            "question": float(np.mean([a == t for a, (_, t) in zip(ans, qs)]))}
+            "question": float(np.mean([a == t for a, (_, t) in zip(ans, qs)])),
+            "follow-up": float(np.mean([a == t for a, (_, t) in zip(follow, qs)]))}
 
 
 def load_backbone(p: Preset) -> Backbone:
+    """The grounded backbone when that stage has run, else the understanding stage's."""
     backbone = Backbone(p.backbone, p.vision)
-    backbone.load_state_dict(common.load("understanding")["backbone"])
+    backbone.load_state_dict(common.load(common.latest("ground", "understanding"))["backbone"])
     return backbone.eval().requires_grad_(False)

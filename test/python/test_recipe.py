@@ -21,3 +21,37 @@ def test_folded_dit_takes_raw_query_states():
         with torch.no_grad():
             torch.testing.assert_close(folded(dit, mu, sd)(x, t, c), dit(x, t, (c - mu) / sd), rtol=1e-4, atol=1e-4)
     assert not torch.equal(folded(dit, mu, sd).caption_projection.weight, dit.caption_projection.weight)
+
+
+def test_frozen_conditions_match_the_backbone():
+    """While the queries are frozen the generation stage reuses each caption's query states; they must be
+    what the backbone gives that caption (up to rounding), in the batch's order, repeats included."""
+    from models.backbone import Backbone
+    from models.recipe import data
+    from models.recipe.generation import Conditions, condition, follow_up_queries
+
+    torch.manual_seed(0)
+    p = get_preset("tiny")
+    tok = data.tokenizer(p.backbone.vocab, p.backbone.context)
+    bb = Backbone(p.backbone, p.vision).eval()
+    bb.queries.data.copy_(follow_up_queries(bb, tok))
+    captions = ["two red squares on a black background", "a small blue circle at the top on a white background"]
+    frozen = Conditions(bb, tok)
+    for batch in (captions, captions[::-1] + captions[:1]):
+        with torch.no_grad():
+            want = condition(bb, [data.generation_ids(tok, c) for c in batch])
+        torch.testing.assert_close(frozen.get(batch), want, rtol=1e-5, atol=1e-5)
+
+
+def test_follow_up_prefix_is_the_generation_prompt():
+    """The follow-up task trains the LM on exactly the states the query tokens will read: its sequence
+    starts with the generation prompt, and its loss covers only the answer."""
+    from models.recipe import data
+
+    p = get_preset("tiny")
+    tok = data.tokenizer(p.backbone.vocab, p.backbone.context)
+    caption = "a large red square at the center on a gray background"
+    ids, start = data.follow_up_ids(tok, caption, "what shape is it?", "square")
+    prompt = data.generation_ids(tok, caption)
+    assert ids[:len(prompt)] == prompt
+    assert tok.decode(ids[start:]) == "square<|im_end|>"
