@@ -62,9 +62,13 @@ def generation_ids(tok: Encoder, caption: str) -> List[int]:
     return tok.encode(TEMPLATES["generation"].format(prompt=caption))
 
 
+def understanding_prompt(tok: Encoder, image_tokens: int, question: str) -> List[int]:
+    return tok.encode(TEMPLATES["understanding"].format(image="<|image_pad|>" * image_tokens, question=question))
+
+
 def understanding_ids(tok: Encoder, image_tokens: int, question: str, answer: str) -> Tuple[List[int], int]:
     """Prompt + answer + <|im_end|>, and the prompt's length (the loss covers what follows it)."""
-    prompt = tok.encode(TEMPLATES["understanding"].format(image="<|image_pad|>" * image_tokens, question=question))
+    prompt = understanding_prompt(tok, image_tokens, question)
     return prompt + tok.encode(answer + "<|im_end|>"), len(prompt)
 
 
@@ -72,10 +76,14 @@ def understanding_ids(tok: Encoder, image_tokens: int, question: str, answer: st
 FOLLOW_UP = "<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def follow_up_prompt(tok: Encoder, caption: str, question: str) -> List[int]:
+    return generation_ids(tok, caption) + tok.encode(FOLLOW_UP.format(question=question))
+
+
 def follow_up_ids(tok: Encoder, caption: str, question: str, answer: str) -> Tuple[List[int], int]:
     """The generation prompt, then a question about the caption and its answer: the prompt's states must
     hold what the caption says (the query tokens read the same states)."""
-    prompt = generation_ids(tok, caption) + tok.encode(FOLLOW_UP.format(question=question))
+    prompt = follow_up_prompt(tok, caption, question)
     return prompt + tok.encode(answer + "<|im_end|>"), len(prompt)
 
 

@@ -1,6 +1,7 @@
 """Stage 2, understanding: the backbone (vision tower + LM) learns to caption scenes and answer the
 questions of the shapes world, in the understanding template the runtime uses. BLIP3-o starts from a
-trained Qwen2.5-VL and freezes it; ours is trained here first, then frozen for every later stage."""
+trained Qwen2.5-VL and freezes it; ours is trained here first (understanding, then ground), then frozen for
+every later stage."""
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -122,8 +123,8 @@ def train(stage: str = "understanding", steps: int = 2000, batch_size: int = 48,
         backbone.load_state_dict(common.load(start)["backbone"])
     else:
         init_weights(backbone)
-    heads = CellHeads(p.backbone.hidden)
-    params = [q for n, q in backbone.named_parameters() if n != "queries"] + (list(heads.parameters()) if cells else [])
+    heads = CellHeads(p.backbone.hidden) if cells else None
+    params = [q for n, q in backbone.named_parameters() if n != "queries"] + (list(heads.parameters()) if heads else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     for step in range(steps):
         common.set_lr(opt, common.lr_at(step, steps, lr, warmup=100 if start else 200))
@@ -131,7 +132,7 @@ def train(stage: str = "understanding", steps: int = 2000, batch_size: int = 48,
         vis = visual(backbone, pixels(images))
         seqs = [data.understanding_ids(tok, k, q, a) for q, a in qas]
         losses = {"image": lm_loss(backbone, seqs, vis, pad_id)}
-        if cells:
+        if heads:
             losses["cells"] = cells * heads.loss(vis, ss)
         if text_rows:
             seqs = [data.follow_up_ids(tok, s.caption, *pick_question(rng, s, caption_share))
@@ -142,7 +143,7 @@ def train(stage: str = "understanding", steps: int = 2000, batch_size: int = 48,
             log(f"step {step} " + " ".join(f"{n} {v.item():.4f}" for n, v in losses.items()))
         if step % 500 == 499 or step == steps - 1:
             log("greedy on fresh scenes: " + " ".join(f"{k} {v:.3f}" for k, v in evaluate(backbone, tok, p).items()))
-    common.save(stage, {"backbone": backbone.state_dict(), "cell_heads": heads.state_dict()})
+    common.save(stage, {"backbone": backbone.state_dict(), **({"cell_heads": heads.state_dict()} if heads else {})})
 
 
 def ground(steps: int = 2000) -> None:
@@ -159,9 +160,9 @@ def answer(backbone: Backbone, tok, p: Preset, images: Optional[List[np.ndarray]
     of one length batched together (no cache: a check, not the runtime)."""
     k, pad_id = image_tokens(p), tok.vocab["<|image_pad|>"]
     if captions is None:
-        prompts = [tok.encode(TEMPLATES["understanding"].format(image="<|image_pad|>" * k, question=q)) for q in questions]
+        prompts = [data.understanding_prompt(tok, k, q) for q in questions]
     else:
-        prompts = [data.follow_up_ids(tok, c, q, "")[0][:-1] for c, q in zip(captions, questions)]  # drop <|im_end|>
+        prompts = [data.follow_up_prompt(tok, c, q) for c, q in zip(captions, questions)]
     outs: List[str] = [""] * len(prompts)
     for _, rows in sorted(data.by_length(prompts).items()):
         ids = torch.tensor([prompts[i] for i in rows])
