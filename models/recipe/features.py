@@ -1,4 +1,4 @@
-"""Stage 1, the "CLIP" encoder: 64 x 64 image -> 8 x 8 grid of 16-dim features, the space the DiT generates
+"""Stage 1, the "CLIP" encoder: 64 x 64 image -> 8 x 8 grid of 32-dim features, the space the DiT generates
 and the decoder draws from (BLIP3-o uses EVA-CLIP's features).
 
 Ours is trained as a dense semantic probe: from each cell's feature alone, linear heads must read the
