@@ -89,6 +89,7 @@ class DiT(nn.Module):
         self.time_freq_dim = TIME_FREQ_DIM
         temb_dim = min(cfg.width, 1024)
         self.x_embedder = nn.Linear(cfg.channels, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.tokens, cfg.width)) if cfg.absolute_positions else None
         self.caption_projection = nn.Linear(cfg.caption_dim, cfg.width)
         self.t_embedder = TimestepMLP(TIME_FREQ_DIM, temb_dim)
         # pooled caption -> adaLN input (Lumina pools with the caption mask; BLIP3-o's condition is
@@ -123,6 +124,8 @@ class DiT(nn.Module):
         dtype = self.x_embedder.weight.dtype
         cos, sin = prepared[1], prepared[2]
         h = self.x_embedder(x.to(dtype))
+        if self.pos_embed is not None:
+            h = h + self.pos_embed
         temb = self.t_embedder(timestep_embedding(timestep, self.time_freq_dim).to(dtype)) + prepared[0]
         for i, layer in enumerate(self.layers):
             h = layer(h, prepared[3 + 2 * i], prepared[4 + 2 * i], temb, cos, sin)

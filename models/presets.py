@@ -67,6 +67,9 @@ class DitConfig:  # Lumina-Next DiT with cross-attention (BLIP3-o NextDiTCrossAt
     caption_dim: int  # = backbone hidden
     eps: float = 1e-5
     rope_theta: float = 10000.0
+    # a learned embedding per grid cell added to the input (not in Lumina-Next, whose only positions are
+    # RoPE's relative ones): the tiny DiT learns where a caption puts things faster with it
+    absolute_positions: bool = False
 
     @property
     def tokens(self) -> int:
@@ -131,7 +134,7 @@ def _tiny() -> Preset:
         vision=VisionConfig(width=96, layers=4, heads=4, ffn=256, patch=8, merge=2,
                             min_pixels=64 * 64, max_pixels=128 * 128),
         dit=DitConfig(channels=32, grid=8, width=128, layers=4, heads=4, kv_heads=4, head_dim=32, ffn=384,
-                      caption_dim=backbone.hidden),
+                      caption_dim=backbone.hidden, absolute_positions=True),
         unet=UnetConfig(channels=(48, 96), layers_per_block=1, transformer_depth=(0, 1), head_dim=32,
                         cross_dim=32, latent_channels=48, image_size=(64, 64), groups=16, time_id_dim=16,
                         concat_features=True),

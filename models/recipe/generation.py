@@ -95,9 +95,9 @@ def follow_up_queries(backbone, tok) -> torch.Tensor:
     return backbone.embed_tokens.weight[[ids[i % len(ids)] for i in range(q)]].detach().clone()
 
 
-def train(stage: str = "generation", steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, seed: int = 4,
+def train(stage: str = "generation", steps: int = 5000, batch_size: int = 32, lr: float = 1e-3, seed: int = 4,
           start: Optional[str] = None, pool_size: int = 0, kinds: Optional[List[str]] = None,
-          check_every: int = 500, query_lr: float = 1e-4, query_start: int = 1700, ema_decay: float = 0.999) -> None:
+          check_every: int = 1000, query_lr: float = 1e-4, query_start: int = 4500, ema_decay: float = 0.999) -> None:
     """Queries train from step `query_start` at `query_lr`; before that the DiT learns to read their
     initial states, which are computed without gradients (the LM's backward is most of a step's cost).
     The DiT that samples (checks, bundle) and that the checkpoint keeps is the exponential moving average

@@ -55,3 +55,17 @@ def test_follow_up_prefix_is_the_generation_prompt():
     prompt = data.generation_ids(tok, caption)
     assert ids[:len(prompt)] == prompt
     assert tok.decode(ids[start:]) == "square<|im_end|>"
+
+
+def test_vision_stage_leaves_the_lm_as_it_was(monkeypatch):
+    """The vision stage trains the vision tower alone: every LM weight, and so every generation prompt's
+    query states that the DiT was trained on, must come out bit-identical."""
+    from models.recipe import common, understanding
+
+    saved = {}
+    monkeypatch.setattr(common, "save", lambda name, state: saved.update(state))
+    understanding.train("vision-test", steps=2, batch_size=4, lr=1e-2, start="ground", cells=1.0, vision_only=True)
+    before = common.load("ground")["backbone"]
+    after = saved["backbone"]
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("visual."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
