@@ -69,3 +69,15 @@ def test_vision_stage_leaves_the_lm_as_it_was(monkeypatch):
     after = saved["backbone"]
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("visual."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
+
+
+def test_lanes_run_side_by_side_and_a_failed_lane_stops_the_recipe(tmp_path):
+    """`all` runs its lanes as child processes: a lane that fails must end the recipe with an error (and
+    stop the other lane) instead of letting later stages start; lanes that succeed leave their output."""
+    import pytest
+    from models.recipe.__main__ import run_lanes
+
+    with pytest.raises(SystemExit, match="lane failed"):
+        run_lanes([("no-such-stage",), ("bundle",)], tmp_path / "failed")
+    run_lanes([("bundle",)], tmp_path / "ok")
+    assert (tmp_path / "ok" / "manifest.json").exists()
