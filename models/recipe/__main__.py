@@ -16,6 +16,7 @@ ones before it):
     decoder        UNet drawing images from features
     refine         the decoder trained further at a lower rate
     generation     the 64 query tokens + DiT, flow matching onto the features of the caption's image
+    generation2    the same continued at half the rate
     instruct       the same on a fixed curated set of hard scenes (pairs, counts)
     bundle         the trained components, exported as a bundle to --out
 """
@@ -33,7 +34,8 @@ import torch
 TRAINERS = {"features": ("features", "train"), "understanding": ("understanding", "train"), "ground": ("understanding", "ground"),
             "vision": ("understanding", "vision"),
             "decoder": ("decoder", "train"), "refine": ("decoder", "refine"),
-            "generation": ("generation", "train"), "instruct": ("generation", "instruct")}
+            "generation": ("generation", "train"),
+            "generation2": ("generation", "more"), "instruct": ("generation", "instruct")}
 STAGES = tuple(TRAINERS) + ("bundle",)
 # Stages that `all` runs side by side after features: neither lane reads the other's output. On this 2-core
 # machine one thread per process is the faster setting anyway (a DiT training step: 0.66 s at one thread,

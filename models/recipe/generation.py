@@ -169,6 +169,12 @@ def judge(p, tok, backbone, dit, unet, n: int = 60, seed: int = 999, unseen: boo
     return pipeline.accuracy(results)
 
 
+def more(steps: int = 2500) -> None:
+    """Generation continued at half the rate, queries still frozen: the judge rose at every check of the
+    first stage, and a stage must fit one session."""
+    train("generation2", steps=steps, lr=5e-4, seed=6, start="generation", check_every=500, query_start=steps)
+
+
 def instruct(steps: int = 500) -> None:
-    train("instruct", steps=steps, lr=1.5e-4, seed=5, start="generation", pool_size=6000, kinds=["pair", "count"],
+    train("instruct", steps=steps, lr=1.5e-4, seed=5, start=common.latest("generation2", "generation"), pool_size=6000, kinds=["pair", "count"],
           check_every=250, query_lr=1.5e-5, query_start=0)
