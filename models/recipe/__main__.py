@@ -4,7 +4,8 @@
     bash models/run-python.sh -m models.recipe decoder generation          # some stages, in this order
 
 `all` runs features, then the backbone stages (understanding, ground, vision) side by side with the decoder
-stages (decoder, refine) in two processes of one thread each, then generation, instruct and the bundle.
+stages (decoder, refine) in two processes of one thread each, then generation, generation2, instruct and
+the bundle.
 
 Stages (each writes models/recipe/checkpoints/<stage>.pt and starts from the committed checkpoints of the
 ones before it):
@@ -59,13 +60,14 @@ def run_lanes(lanes, out: Path) -> None:
     procs = [subprocess.Popen([sys.executable, "-m", "models.recipe", *lane, "--out", str(out), "--threads", "1"])
              for lane in lanes]
     try:
-        while any(p.poll() is None for p in procs):
-            failed = [p for p in procs if p.poll() not in (None, 0)]
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
             if failed:
-                raise SystemExit(f"recipe: a lane failed (exit {failed[0].returncode})")
+                raise SystemExit(f"recipe: a lane failed (exit {failed[0]})")
+            if all(c == 0 for c in codes):
+                return
             time.sleep(5)
-        if any(p.returncode for p in procs):
-            raise SystemExit("recipe: a lane failed")
     finally:
         for p in procs:
             if p.poll() is None:

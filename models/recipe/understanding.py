@@ -122,13 +122,14 @@ def train(stage: str = "understanding", steps: int = 2000, batch_size: int = 48,
     tok = data.tokenizer(p.backbone.vocab, p.backbone.context)
     pad_id, k = tok.vocab["<|image_pad|>"], image_tokens(p)
     backbone = Backbone(p.backbone, p.vision)
+    state = common.load(start) if start else {}
     if start:
-        backbone.load_state_dict(common.load(start)["backbone"])
+        backbone.load_state_dict(state["backbone"])
     else:
         init_weights(backbone)
     heads = CellHeads(p.backbone.hidden) if cells else None
-    if heads and start and "cell_heads" in common.load(start):
-        heads.load_state_dict(common.load(start)["cell_heads"])
+    if heads and "cell_heads" in state:
+        heads.load_state_dict(state["cell_heads"])
     trained = backbone.visual if vision_only else backbone
     params = [q for n, q in trained.named_parameters() if n != "queries"] + (list(heads.parameters()) if heads else [])
     backbone.requires_grad_(False)
