@@ -1,11 +1,14 @@
 #include "manifest.h"
 
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <initializer_list>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <vector>
 
 #include "errors.h"
 #include "sha256.h"
@@ -262,19 +265,46 @@ Manifest readManifest(const std::string& dirArg) {
 }
 
 void verifyFiles(const Manifest& manifest, const std::function<void()>& between) {
-  for (const auto& [key, file] : manifest.files) {
-    std::string actual;
+  // One thread per file: a real-size bundle is several files of gigabytes. The first failure stops
+  // the other threads; errors are reported in the manifest's key order.
+  struct Stopped {};
+  std::atomic<bool> failed{false};
+  auto verify = [&](const std::string& key, const BundleFile& file) {
     try {
-      actual = sha256File(file.realPath, between);
-    } catch (const Error&) {
+      std::string actual;
+      try {
+        actual = sha256File(file.realPath, [&] {
+          if (failed) throw Stopped{};
+          if (between) between();
+        });
+      } catch (const Error&) {
+        throw;
+      } catch (const std::exception& e) {
+        throw Error(ErrorCode::Bundle, "could not read " + file.path + ": " + e.what());
+      }
+      if (actual != file.sha256)
+        throw Error(ErrorCode::Bundle, "sha256 mismatch for " + file.path + " (files." + key +
+                                           "): manifest says " + file.sha256 + ", file has " + actual);
+    } catch (const Stopped&) {
       throw;
-    } catch (const std::exception& e) {
-      throw Error(ErrorCode::Bundle, "could not read " + file.path + ": " + e.what());
+    } catch (...) {
+      failed = true;
+      throw;
     }
-    if (actual != file.sha256)
-      throw Error(ErrorCode::Bundle, "sha256 mismatch for " + file.path + " (files." + key + "): manifest says " +
-                                         file.sha256 + ", file has " + actual);
+  };
+  std::vector<std::future<void>> running;
+  for (const auto& [key, file] : manifest.files)
+    running.push_back(std::async(std::launch::async, verify, std::cref(key), std::cref(file)));
+  std::exception_ptr first;
+  for (auto& r : running) {
+    try {
+      r.get();
+    } catch (const Stopped&) {
+    } catch (...) {
+      if (!first) first = std::current_exception();
+    }
   }
+  if (first) std::rethrow_exception(first);
 }
 
 }  // namespace blip3o

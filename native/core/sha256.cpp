@@ -6,6 +6,12 @@
 #include <stdexcept>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#include <immintrin.h>
+#define BLIP3O_SHA_NI 1
+#endif
+
 namespace blip3o {
 namespace {
 
@@ -21,11 +27,63 @@ const uint32_t K[64] = {
 
 inline uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
 
+#ifdef BLIP3O_SHA_NI
+// The x86 SHA extensions hash about 8x faster than the portable code: a real-size bundle (15 GB) is
+// verified in seconds rather than minutes. Used when the CPU has them (CPUID 7.EBX bit 29, SSE4.1).
+bool cpuHasShaNi() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_SSE4_1)) return false;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & (1u << 29));
+}
+
+// h = ABCDEFGH; the instructions keep the state as the lane pairs ABEF and CDGH.
+__attribute__((target("sha,sse4.1"))) void blocksShaNi(uint32_t h[8], const uint8_t* p, size_t blocks) {
+  const __m128i byteSwap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+  __m128i t = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)), 0xB1);  // CDAB
+  __m128i efgh = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 4)), 0x1B);
+  __m128i abef = _mm_alignr_epi8(t, efgh, 8);
+  __m128i cdgh = _mm_blend_epi16(efgh, t, 0xF0);
+  for (; blocks > 0; --blocks, p += 64) {
+    const __m128i abefStart = abef, cdghStart = cdgh;
+    __m128i w[4];  // w[g % 4] = message words 4g .. 4g+3
+    for (int g = 0; g < 16; ++g) {
+      __m128i& m = w[g % 4];
+      if (g < 4) {
+        m = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * g)), byteSwap);
+      } else {
+        const __m128i& prev = w[(g + 3) % 4];  // words 4g-4 .. 4g-1
+        m = _mm_sha256msg1_epu32(m, w[(g + 1) % 4]);
+        m = _mm_add_epi32(m, _mm_alignr_epi8(prev, w[(g + 2) % 4], 4));
+        m = _mm_sha256msg2_epu32(m, prev);
+      }
+      __m128i k = _mm_add_epi32(m, _mm_loadu_si128(reinterpret_cast<const __m128i*>(K + 4 * g)));
+      cdgh = _mm_sha256rnds2_epu32(cdgh, abef, k);
+      abef = _mm_sha256rnds2_epu32(abef, cdgh, _mm_shuffle_epi32(k, 0x0E));
+    }
+    abef = _mm_add_epi32(abef, abefStart);
+    cdgh = _mm_add_epi32(cdgh, cdghStart);
+  }
+  t = _mm_shuffle_epi32(abef, 0x1B);   // FEBA
+  cdgh = _mm_shuffle_epi32(cdgh, 0xB1);  // DCHG
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(h), _mm_blend_epi16(t, cdgh, 0xF0));      // DCBA
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(h + 4), _mm_alignr_epi8(cdgh, t, 8));    // HGFE
+}
+
+const bool kShaNi = cpuHasShaNi();
+#endif
+
 }  // namespace
 
 Sha256::Sha256()
     : h_{0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
          0x5be0cd19} {}
+
+void Sha256::blocks(const uint8_t* p, size_t n) {
+#ifdef BLIP3O_SHA_NI
+  if (kShaNi) return blocksShaNi(h_, p, n);
+#endif
+  for (; n > 0; --n, p += 64) block(p);
+}
 
 void Sha256::block(const uint8_t* p) {
   uint32_t w[64];
@@ -54,10 +112,12 @@ void Sha256::update(const void* data, size_t size) {
     std::memcpy(buf_ + bufLen_, p, n);
     bufLen_ += n; p += n; size -= n;
     if (bufLen_ < 64) return;
-    block(buf_);
+    blocks(buf_, 1);
     bufLen_ = 0;
   }
-  for (; size >= 64; p += 64, size -= 64) block(p);
+  blocks(p, size / 64);
+  p += size / 64 * 64;
+  size %= 64;
   std::memcpy(buf_, p, size);
   bufLen_ = size;
 }

@@ -15,7 +15,8 @@ class Sha256 {
   std::string hexDigest();  // finishes the hash; lowercase hex, 64 characters
 
  private:
-  void block(const uint8_t* p);
+  void blocks(const uint8_t* p, size_t n);  // n whole 64-byte blocks
+  void block(const uint8_t* p);             // the portable code, one block
   uint32_t h_[8];
   uint8_t buf_[64];
   size_t bufLen_ = 0;
