@@ -1,13 +1,15 @@
 """Export a BLIP3-o bundle (contract section 1): four TorchScript components, the tokenizer, manifest.json.
 
     bash models/run-python.sh -m models.export --preset tiny --out /tmp/blip3o-tiny-random [--seed 0]
-        [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--tokenizer DIR] [--backbone-layers N] ...
+        [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--tokenizer DIR | --stand-in-tokenizer]
+        [--backbone-layers N] ...
 
 Weights are a seeded random initialisation here; models/recipe exports its trained ones through export().
 The bundle is written into a temporary sibling directory and renamed into place, so a failed export
 leaves nothing.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 import torch
@@ -70,6 +73,14 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def hashes(bundle: Path) -> Dict[str, dict]:
+    """The manifest's `files`: the components hashed side by side (hashlib releases the GIL), as a
+    real-size bundle is several files of gigabytes."""
+    with ThreadPoolExecutor(len(COMPONENT_FILES)) as pool:
+        digests = dict(zip(COMPONENT_FILES, pool.map(lambda f: sha256(bundle / f), COMPONENT_FILES.values())))
+    return {k: {"path": f, "sha256": digests[k]} for k, f in COMPONENT_FILES.items()}
+
+
 def copy_tokenizer(src: Path, out: Path) -> None:
     """Copy a real Qwen2.5 tokenizer, adding BLIP3-o's [IMG] [/IMG] <image> where missing."""
     tok = json.loads((src / "tokenizer.json").read_text())
@@ -108,7 +119,7 @@ def manifest(preset: Preset, dtype: str, bundle: Path, name: Optional[str] = Non
     return {
         "format": "blip3o-bundle", "formatVersion": 1, "name": name or f"blip3o-{preset.name}-random",
         "preset": preset.name, "dtype": dtype,
-        "files": {k: {"path": f, "sha256": sha256(bundle / f)} for k, f in COMPONENT_FILES.items()},
+        "files": hashes(bundle),
         "image": {"width": preset.image[1], "height": preset.image[0]},
         "backbone": {"hidden": b.hidden, "layers": b.layers, "heads": b.heads, "kvHeads": b.kv_heads,
                      "headDim": b.head_dim, "vocab": b.vocab, "context": b.context, "queryTokens": b.query_tokens},
@@ -127,19 +138,26 @@ def manifest(preset: Preset, dtype: str, bundle: Path, name: Optional[str] = Non
 
 def export(preset: Preset, out: Path, seed: int = 0, dtype: str = "float32", device: str = "cpu",
            tokenizer: Path = None, modules: Optional[Dict[str, nn.Module]] = None, name: Optional[str] = None,
-           sampler: Optional[dict] = None) -> dict:
-    """Writes a bundle of `modules` (default: randomly initialised from `seed`)."""
-    if preset.name != "tiny" and tokenizer is None:
-        raise ValueError(f"preset {preset.name} needs --tokenizer DIR (a Qwen2.5 tokenizer.json + tokenizer_config.json)")
+           sampler: Optional[dict] = None, stand_in_tokenizer: bool = False) -> dict:
+    """Writes a bundle of `modules` (default: randomly initialised from `seed`, on `device`).
+    stand_in_tokenizer: a real-size bundle gets the tiny model's tokenizer, for timing random weights."""
+    if preset.name != "tiny" and tokenizer is None and not stand_in_tokenizer:
+        raise ValueError(f"preset {preset.name} needs --tokenizer DIR (a Qwen2.5 tokenizer.json + tokenizer_config.json) "
+                         "or, for timing random weights, --stand-in-tokenizer")
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for key, module in (modules or build_modules(preset, seed)).items():
+        if modules is None:
+            # built where they run: initialising billions of weights is much faster on a GPU
+            with torch.device(device) if device != "cpu" else contextlib.nullcontext():
+                modules = build_modules(preset, seed)
+        for key, module in modules.items():
             module = module.to(device=device, dtype=DTYPES[dtype])
             script_module(key, module).save(str(tmp / COMPONENT_FILES[key]))
         if tokenizer is None:
-            write_tokenizer(tmp, preset.backbone.vocab, preset.backbone.context)
+            # the tiny model's: as many ids as merges learned from the shapes world allow
+            write_tokenizer(tmp, min(preset.backbone.vocab, get_preset("tiny").backbone.vocab), preset.backbone.context)
         else:
             copy_tokenizer(tokenizer, tmp)
         m = manifest(preset, dtype, tmp, name, sampler)
@@ -165,7 +183,10 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--tokenizer", type=Path, help="Qwen2.5 tokenizer directory (required for 4b / 8b)")
+    tok = ap.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", type=Path, help="Qwen2.5 tokenizer directory (4b / 8b need it or the next)")
+    tok.add_argument("--stand-in-tokenizer", action="store_true",
+                     help="4b / 8b: the tiny model's tokenizer instead, for timing random weights")
     ap.add_argument("--backbone-layers", type=int)
     ap.add_argument("--vision-layers", type=int)
     ap.add_argument("--dit-layers", type=int)
@@ -177,7 +198,7 @@ def main(argv: List[str] = None) -> None:
                         a.unet_layers_per_block)
     start = time.time()
     try:
-        export(preset, a.out, a.seed, a.dtype, a.device, a.tokenizer)
+        export(preset, a.out, a.seed, a.dtype, a.device, a.tokenizer, stand_in_tokenizer=a.stand_in_tokenizer)
     except ValueError as e:
         ap.error(str(e))
     size = sum(f.stat().st_size for f in a.out.iterdir())

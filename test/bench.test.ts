@@ -41,9 +41,9 @@ t.test('bench --quick with the Python reference', { skip }, async (t) => {
   for (const key of ['nativeMs', 'pythonMs', 'ratio', 'p50Ms', 'p90Ms', 'pythonP50Ms', 'pythonP90Ms'] as const) {
     finite(latest.endToEnd[key], `endToEnd.${key}`);
   }
-  for (const key of ['concurrentMs', 'sequentialMs', 'speedup'] as const) finite(latest.queue[key], `queue.${key}`);
-  t.equal(latest.queue.requests, 8);
-  t.equal(latest.queue.identical, true, 'the queue gives the images of sequential requests');
+  for (const key of ['concurrentMs', 'sequentialMs', 'speedup'] as const) finite(latest.queue?.[key], `queue.${key}`);
+  t.equal(latest.queue?.requests, 8);
+  t.equal(latest.queue?.identical, true, 'the queue gives the images of sequential requests');
   for (const stage of ['condition', 'dit', 'decoder', 'vae'] as const) {
     finite(latest.stages[stage].nativeMs, `stages.${stage}.nativeMs`);
     finite(latest.stages[stage].pythonMs, `stages.${stage}.pythonMs`);
@@ -80,4 +80,14 @@ t.test('bench --quick with the Python reference', { skip }, async (t) => {
   t.type(latest.runtime.libtorch, 'string');
   t.equal(readFileSync(files.markdown, 'utf8'), markdown(report), 'the Markdown report');
   t.match(markdown(report), /\| end to end, to pixels \(median\) \|/);
+});
+
+t.test('bench --no-throughput leaves out batch and queue runs', { skip: skipWithoutRuntime }, async (t) => {
+  const report = await runBench({ device: 'cpu', quick: true, runs: 1, steps: 1, decoderSteps: 1, python: false, throughput: false });
+  t.same(report.throughput, []);
+  t.equal(report.queue, null);
+  t.equal(report.settings.throughput, false);
+  t.ok(Number.isFinite(report.endToEnd.nativeMs), 'the end-to-end runs still happen');
+  t.match(markdown(report), /No throughput runs/);
+  t.notMatch(markdown(report), /requests at once/);
 });

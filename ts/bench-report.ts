@@ -78,14 +78,7 @@ export function markdown(r: BenchReport): string {
       ? 'No pixel comparison (no Python reference).'
       : `Largest pixel difference between the native and the Python image of the same seed: ${r.maxPixelDiff} of 255 (${s.runs} seeds).`,
     '',
-    '| throughput | time | images/s |',
-    '|---|---:|---:|',
-    ...r.throughput.map((t) => `| batch ${t.batch} (one call) | ${ms(t.ms)} | ${num(t.imagesPerSec)} |`),
-    `| ${r.queue.requests} requests at once (request queue) | ${ms(r.queue.concurrentMs)} | ${num((r.queue.requests * 1000) / r.queue.concurrentMs)} |`,
-    `| ${r.queue.requests} requests one after another | ${ms(r.queue.sequentialMs)} | ${num((r.queue.requests * 1000) / r.queue.sequentialMs)} |`,
-    '',
-    `Request queue speedup: ${num(r.queue.speedup)}x (same images as sequential: ${r.queue.identical ? 'yes' : 'NO'}).`,
-    '',
+    ...throughputLines(r),
     `Understanding (describe, greedy): ${r.understanding.promptTokens} prompt tokens prefilled in ${ms(r.understanding.prefillMs)}; ` +
       `${r.understanding.generatedTokens} tokens decoded at ${num(r.understanding.decodeTokensPerSec, 1)} tokens/s.`,
     '',
@@ -94,6 +87,21 @@ export function markdown(r: BenchReport): string {
       'Loop overhead: loop time minus the time inside the TorchScript calls. Ratios below 1: the runtime is faster.',
   ];
   return `${lines.join('\n')}\n`;
+}
+
+function throughputLines(r: BenchReport): string[] {
+  const q = r.queue;
+  if (q === null) return ['No throughput runs (--no-throughput).', ''];
+  return [
+    '| throughput | time | images/s |',
+    '|---|---:|---:|',
+    ...r.throughput.map((t) => `| batch ${t.batch} (one call) | ${ms(t.ms)} | ${num(t.imagesPerSec)} |`),
+    `| ${q.requests} requests at once (request queue) | ${ms(q.concurrentMs)} | ${num((q.requests * 1000) / q.concurrentMs)} |`,
+    `| ${q.requests} requests one after another | ${ms(q.sequentialMs)} | ${num((q.requests * 1000) / q.sequentialMs)} |`,
+    '',
+    `Request queue speedup: ${num(q.speedup)}x (same images as sequential: ${q.identical ? 'yes' : 'NO'}).`,
+    '',
+  ];
 }
 
 /** <date>_<machine>: 2025-11-26T06-41-03_amd-epyc-2c-cpu. */

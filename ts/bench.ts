@@ -30,6 +30,8 @@ export interface BenchOptions {
   decoderSteps?: number;
   /** Run the Python reference (default true). */
   python?: boolean;
+  /** Measure batch and request-queue throughput (default true; at real size they take minutes). */
+  throughput?: boolean;
   /** Few runs and tokens, one repetition: for tests. */
   quick?: boolean;
   /** Progress lines (default: none). */
@@ -64,6 +66,7 @@ export interface BenchReport {
     decoderCfg: number;
     quick: boolean;
     python: boolean;
+    throughput: boolean;
     prompt: string;
     seed: number;
   };
@@ -87,8 +90,9 @@ export interface BenchReport {
   /** Largest |native - Python| over every pixel channel of every measured seed (0..255). */
   maxPixelDiff: number | null;
   images: { native: { width: number; height: number }; python: { width: number; height: number } | null };
+  /** Empty, and queue null, when throughput was not measured. */
   throughput: { batch: number; ms: number; imagesPerSec: number }[];
-  queue: { requests: number; concurrentMs: number; sequentialMs: number; speedup: number; identical: boolean };
+  queue: { requests: number; concurrentMs: number; sequentialMs: number; speedup: number; identical: boolean } | null;
   understanding: { promptTokens: number; generatedTokens: number; prefillMs: number; decodeMs: number; decodeTokensPerSec: number };
   memory: { peakRssMb: number; pythonPeakRssMb: number | null; peakCudaMb: number | null; pythonPeakCudaMb: number | null };
 }
@@ -193,6 +197,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchReport>
   const warmupRuns = quick ? 1 : 2;
   const reps = quick ? 1 : 3;
   const withPython = options.python !== false;
+  const withThroughput = options.throughput !== false;
   const loadOptions = validateLoadOptions({ device: options.device, dtype: options.dtype, threads: options.threads ?? 0 });
   validateGenerateOptions({ steps: options.steps, decoderSteps: options.decoderSteps });
   const dir = path.resolve(options.model ?? bundledModelDir);
@@ -228,8 +233,8 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchReport>
     const pythonStats = await python?.stats();
     await python?.close();
     python = undefined;
-    const throughput = await batchThroughput(model, settings, reps, log);
-    const queue = await queueThroughput(model, settings, reps, log);
+    const throughput = withThroughput ? await batchThroughput(model, settings, reps, log) : [];
+    const queue = withThroughput ? await queueThroughput(model, settings, reps, log) : null;
     const understanding = await measureUnderstanding(model, e2e.lastImage, quick ? 4 : 32, reps);
 
     const nt = e2e.native.map((run) => run.timings);
@@ -257,6 +262,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchReport>
         ...settings,
         quick,
         python: withPython,
+        throughput: withThroughput,
         prompt,
         seed: baseSeed,
       },

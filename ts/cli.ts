@@ -103,6 +103,7 @@ Options:
   --steps N                 DiT steps (default: the bundle's)
   --decoder-steps N         decoder steps (default: the bundle's)
   --no-python               skip the Python reference
+  --no-throughput           skip batch and request-queue throughput (minutes at real size)
   --quick                   few runs and tokens (for tests)
   --out DIR                 results directory (default: bench/results in the package)
 ${modelOptionsHelp}
@@ -176,6 +177,7 @@ const commandOptions: Record<string, Options> = {
     steps: { type: 'string' },
     'decoder-steps': { type: 'string' },
     'no-python': { type: 'boolean' },
+    'no-throughput': { type: 'boolean' },
     quick: { type: 'boolean' },
     out: { type: 'string' },
   },
@@ -432,6 +434,7 @@ async function runBenchCommand(values: Values, positionals: string[]): Promise<v
       steps: numberOption(values, 'steps'),
       decoderSteps: numberOption(values, 'decoder-steps'),
       python: values['no-python'] !== true,
+      throughput: values['no-throughput'] !== true,
       quick: values.quick === true,
       log: (line) => process.stderr.write(`bench: ${line}\n`),
     });
