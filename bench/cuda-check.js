@@ -2,12 +2,12 @@
 // CUDA correctness against CPU on one bundle, through the public API (dist/): the same prompts and
 // seeds on cpu/float32, cuda/float32 and cuda/bfloat16; largest pixel difference per dtype and whether
 // describe gives the same answers. Prints one JSON object.
-// bfloat16 tolerance, fixed before measuring: at most 8/255 per pixel channel and 1/255 on average.
-// bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%): one rounding moves a pixel of the
-// [-1, 1] output by up to 0.25 levels, and the ~100 denoising steps and the layers in each add such
-// errors up (about as a random walk, so ~10x one rounding), which gives a few levels at most, and an
-// average well under one level.
-//   node bench/cuda-check.js [BUNDLE_DIR]
+// bfloat16 is judged by content, not per pixel: its images must get the same describe answers as
+// float32's. A per-pixel bound does not hold for a trained model: bfloat16 rounding in the backbone
+// or the DiT alone moves the sampled features enough to shift an edge or re-place an object the
+// prompt leaves free (the tiny model, CPU, each component alone in bfloat16: up to 99 and 102 of 255;
+// the decoder alone 15, the VAE 1). That the bfloat16 arithmetic itself is right is checked against
+// the Python reference in the same dtype (bench/cuda.sh, real size: 4 of 255).
 'use strict';
 const path = require('node:path');
 const { loadModel, runtimeInfo } = require(path.join(__dirname, '..', 'dist', 'index.js'));
@@ -38,8 +38,6 @@ async function raw(png) {
   const sharp = require('sharp');
   return sharp(png).raw().toBuffer();
 }
-
-const bf16Tolerance = { maxPixelDiff: 8, meanPixelDiff: 1 };
 
 /** Largest and mean |a - b| over every pixel channel of every image pair. */
 async function diff(as, bs) {
@@ -72,8 +70,6 @@ async function diff(as, bs) {
       fp32MaxPixelDiff: fp32.max,
       bf16MaxPixelDiff: bf.max,
       bf16MeanPixelDiff: bf.mean,
-      bf16Tolerance,
-      bf16WithinTolerance: bf.max <= bf16Tolerance.maxPixelDiff && bf.mean <= bf16Tolerance.meanPixelDiff,
       fp32BatchVsAloneMaxPixelDiff: batch.max,
       describeSame: f32.answers.every((a, i) => a === cpu.answers[i]),
       describeSameBf16: bf16.answers.every((a, i) => a === cpu.answers[i]),

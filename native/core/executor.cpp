@@ -5,7 +5,9 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
 
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 #include "pool.h"
 
@@ -84,13 +86,19 @@ void Executor::join() {
   if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
 }
 
+bool graphExecutorOptimize() {
+  const char* value = std::getenv("BLIP3O_JIT_OPTIMIZE");
+  return value != nullptr && std::string(value) == "1";
+}
+
 void Executor::loop() {
   c10::InferenceMode inference;  // no autograd bookkeeping for anything run here
   // TorchScript's profiling executor re-optimises a graph after its first runs; on CUDA that changed
   // the bytes of a same-seed image between the first calls and later ones. Running the graphs as
   // exported keeps them identical from the first call (and was no slower on the tiny bundle, CPU or
-  // H200). This setting is thread-local: it covers this model's thread only.
-  torch::jit::setGraphExecutorOptimize(false);
+  // H200). This setting is thread-local: it covers this model's thread only. BLIP3O_JIT_OPTIMIZE=1
+  // turns the executor's fusion back on: fewer kernel launches per step, at the cost of that stability.
+  torch::jit::setGraphExecutorOptimize(graphExecutorOptimize());
   while (true) {
     std::shared_ptr<Job> job;
     {

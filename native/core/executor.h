@@ -15,6 +15,10 @@
 
 namespace blip3o {
 
+// Whether inference threads run TorchScript's profiling executor: off unless BLIP3O_JIT_OPTIMIZE=1
+// (see Executor::loop for why off).
+bool graphExecutorOptimize();
+
 class Executor {
  public:
   // `check` throws Error(Aborted) or Error(Disposed) once the job is cancelled; call it every step.

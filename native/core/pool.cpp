@@ -1,5 +1,7 @@
 #include "pool.h"
 
+#include "executor.h"
+
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
@@ -74,7 +76,7 @@ void WorkerPool::work(std::unique_lock<std::mutex>& lock) {
 void WorkerPool::loop() {
   setComputeThreads(1);
   c10::InferenceMode inference;
-  torch::jit::setGraphExecutorOptimize(false);  // see Executor::loop
+  torch::jit::setGraphExecutorOptimize(graphExecutorOptimize());  // see Executor::loop
   std::unique_lock<std::mutex> lock(mutex_);
   while (true) {
     wake_.wait(lock, [this] { return closed_ || next_ < count_; });

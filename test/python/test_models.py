@@ -263,6 +263,15 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
         export(get_preset("4b"), tmp_path / "bundle")
 
 
+def test_stand_in_tokenizer_for_real_presets(tmp_path):
+    """--stand-in-tokenizer: a real-size manifest with the tiny model's tokenizer (timing random weights);
+    tiny modules stand in for the real-size ones here, which only size and time would change."""
+    m = export(get_preset("4b"), tmp_path / "b", modules=build_modules(get_preset("tiny"), 0), stand_in_tokenizer=True)
+    assert m["preset"] == "4b" and m["backbone"]["vocab"] == 151936 and m["image"] == {"width": 1024, "height": 1024}
+    assert m["tokens"] == {"img": 259, "imagePad": 263, "stop": [257, 258]}
+    assert json.loads((tmp_path / "b" / "tokenizer.json").read_text()) == build_tokenizer(512, 32768)[0]
+
+
 def test_export_bfloat16(tmp_path):
     m = export(get_preset("tiny"), tmp_path / "b", dtype="bfloat16")
     dit = torch.jit.load(str(tmp_path / "b" / "dit.pt"))
