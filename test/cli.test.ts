@@ -91,6 +91,19 @@ t.test('with the model', { skip: skipWithoutRuntime }, async (t) => {
     t.ok(readFileSync(out).equals(readFileSync(again)), 'same seed, same bytes');
   });
 
+  t.test('BLIP3O_JIT_OPTIMIZE=1 (the profiling executor) still generates the image', async (t) => {
+    const out = path.join(scratch, 'optimized.png');
+    const args = [cli, 'generate', 'a large red circle at the center on a white background', '-o', out, '--seed', '5', ...fastFlags];
+    const result = spawnSync(process.execPath, args, { encoding: 'utf8', timeout: 120_000, env: { ...process.env, BLIP3O_JIT_OPTIMIZE: '1' } });
+    t.equal(result.status, 0, result.stderr);
+    const { data, info } = await sharp(out).raw().toBuffer({ resolveWithObject: true });
+    t.same([info.width, info.height], [64, 64]);
+    const plain = await sharp(path.join(scratch, 'circle.png')).raw().toBuffer();
+    let max = 0;
+    for (let i = 0; i < data.length; i++) max = Math.max(max, Math.abs(data[i] - plain[i]));
+    t.ok(max <= 1, `within 1/255 of the default executor's image (max ${max})`);
+  });
+
   t.test('generate --json prints one JSON object; the format follows the extension', async (t) => {
     for (const [name, format] of [['out.jpg', 'jpeg'], ['out.webp', 'webp'], ['out.png', 'png']] as const) {
       const out = path.join(scratch, name);
