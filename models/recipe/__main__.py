@@ -4,8 +4,8 @@
     bash models/run-python.sh -m models.recipe decoder generation          # some stages, in this order
 
 `all` runs features, then the backbone stages (understanding, ground, vision) side by side with the decoder
-stages (decoder, refine) in two processes of one thread each, then generation, generation2, instruct and
-the bundle.
+stages (decoder, refine) in two processes of one thread each, then generation, generation2, generation3,
+instruct and the bundle.
 
 Stages (each writes models/recipe/checkpoints/<stage>.pt and starts from the committed checkpoints of the
 ones before it):
@@ -18,6 +18,7 @@ ones before it):
     refine         the decoder trained further at a lower rate
     generation     the 64 query tokens + DiT, flow matching onto the features of the caption's image
     generation2    the same continued at half the rate
+    generation3    and continued once more
     instruct       the same on a fixed curated set of hard scenes (pairs, counts)
     bundle         the trained components, exported as a bundle to --out
 """
@@ -36,7 +37,7 @@ TRAINERS = {"features": ("features", "train"), "understanding": ("understanding"
             "vision": ("understanding", "vision"),
             "decoder": ("decoder", "train"), "refine": ("decoder", "refine"),
             "generation": ("generation", "train"),
-            "generation2": ("generation", "more"), "instruct": ("generation", "instruct")}
+            "generation2": ("generation", "more"), "generation3": ("generation", "more3"), "instruct": ("generation", "instruct")}
 STAGES = tuple(TRAINERS) + ("bundle",)
 # Stages that `all` runs side by side after features: neither lane reads the other's output. On this 2-core
 # machine one thread per process is the faster setting anyway (a DiT training step: 0.66 s at one thread,

@@ -169,12 +169,17 @@ def judge(p, tok, backbone, dit, unet, n: int = 60, seed: int = 999, unseen: boo
     return pipeline.accuracy(results)
 
 
-def more(steps: int = 2500) -> None:
+def more(steps: int = 2500, name: str = "generation2", start: str = "generation", seed: int = 6) -> None:
     """Generation continued at half the rate, queries still frozen: the judge rose at every check of the
     first stage, and a stage must fit one session."""
-    train("generation2", steps=steps, lr=5e-4, seed=6, start="generation", check_every=500, query_start=steps)
+    train(name, steps=steps, lr=5e-4, seed=seed, start=start, check_every=500, query_start=steps)
+
+
+def more3(steps: int = 2500) -> None:
+    """A third stage like the second: the judge still rose at each of generation2's checks."""
+    more(steps, "generation3", "generation2", seed=7)
 
 
 def instruct(steps: int = 500) -> None:
-    train("instruct", steps=steps, lr=1.5e-4, seed=5, start=common.latest("generation2", "generation"), pool_size=6000, kinds=["pair", "count"],
+    train("instruct", steps=steps, lr=1.5e-4, seed=5, start=common.latest("generation3", "generation2", "generation"), pool_size=6000, kinds=["pair", "count"],
           check_every=250, query_lr=1.5e-5, query_start=0)
