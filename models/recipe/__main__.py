@@ -5,7 +5,7 @@
 
 `all` runs features, then the backbone stages (understanding, ground, vision) side by side with the decoder
 stages (decoder, refine) in two processes of one thread each, then generation, generation2, generation3,
-instruct and the bundle.
+generation4, instruct and the bundle.
 
 Stages (each writes models/recipe/checkpoints/<stage>.pt and starts from the committed checkpoints of the
 ones before it):
@@ -19,6 +19,7 @@ ones before it):
     generation     the 64 query tokens + DiT, flow matching onto the features of the caption's image
     generation2    the same continued at half the rate
     generation3    and continued once more
+    generation4    and once more at a lower rate
     instruct       the same on a fixed curated set of hard scenes (pairs, counts)
     bundle         the trained components, exported as a bundle to --out
 """
@@ -37,7 +38,8 @@ TRAINERS = {"features": ("features", "train"), "understanding": ("understanding"
             "vision": ("understanding", "vision"),
             "decoder": ("decoder", "train"), "refine": ("decoder", "refine"),
             "generation": ("generation", "train"),
-            "generation2": ("generation", "more"), "generation3": ("generation", "more3"), "instruct": ("generation", "instruct")}
+            "generation2": ("generation", "more"), "generation3": ("generation", "more3"),
+            "generation4": ("generation", "anneal"), "instruct": ("generation", "instruct")}
 STAGES = tuple(TRAINERS) + ("bundle",)
 # Stages that `all` runs side by side after features: neither lane reads the other's output. On this 2-core
 # machine one thread per process is the faster setting anyway (a DiT training step: 0.66 s at one thread,

@@ -16,7 +16,7 @@ def build(out: Path) -> dict:
     """The queries and DiT come from the last generation stage that ran: instruct, generation2, generation."""
     p = get_preset("tiny")
     backbone = load_backbone(p)
-    dit, queries = load_dit(p, common.latest("instruct", "generation3", "generation2", "generation"))
+    dit, queries = load_dit(p, common.latest("instruct", "generation4", "generation3", "generation2", "generation"))
     backbone.queries.data.copy_(queries)
     modules = {"backbone": backbone, "dit": dit, "decoder": load_unet(p), "vae": build_vae(p.vae).eval()}
     return export(p, out, modules=modules, name=NAME, sampler=pipeline.TINY_SAMPLER)

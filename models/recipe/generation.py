@@ -169,10 +169,11 @@ def judge(p, tok, backbone, dit, unet, n: int = 60, seed: int = 999, unseen: boo
     return pipeline.accuracy(results)
 
 
-def more(steps: int = 2500, name: str = "generation2", start: str = "generation", seed: int = 6) -> None:
+def more(steps: int = 2500, name: str = "generation2", start: str = "generation", seed: int = 6,
+         lr: float = 5e-4) -> None:
     """Generation continued at half the rate, queries still frozen: the judge rose at every check of the
     first stage, and a stage must fit one session."""
-    train(name, steps=steps, lr=5e-4, seed=seed, start=start, check_every=500, query_start=steps)
+    train(name, steps=steps, lr=lr, seed=seed, start=start, check_every=500, query_start=steps)
 
 
 def more3(steps: int = 2500) -> None:
@@ -180,6 +181,11 @@ def more3(steps: int = 2500) -> None:
     more(steps, "generation3", "generation2", seed=7)
 
 
+def anneal(steps: int = 1500) -> None:
+    """The last generation stage, at a lower rate again: the judge was still rising, slowly, at 5e-4."""
+    more(steps, "generation4", "generation3", seed=8, lr=2e-4)
+
+
 def instruct(steps: int = 500) -> None:
-    train("instruct", steps=steps, lr=1.5e-4, seed=5, start=common.latest("generation3", "generation2", "generation"), pool_size=6000, kinds=["pair", "count"],
+    train("instruct", steps=steps, lr=1.5e-4, seed=5, start=common.latest("generation4", "generation3", "generation2", "generation"), pool_size=6000, kinds=["pair", "count"],
           check_every=250, query_lr=1.5e-5, query_start=0)
