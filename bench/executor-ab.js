@@ -10,7 +10,7 @@ const crypto = require('node:crypto');
 const path = require('node:path');
 const { parseArgs } = require('node:util');
 
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
+const { median } = require(path.join(__dirname, '..', 'dist', 'bench.js'));
 const prompt = 'a large red circle at the center on a white background';
 
 async function child(dir, device, dtype, runs) {

@@ -17,8 +17,8 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch

@@ -169,6 +169,10 @@ def judge(p, tok, backbone, dit, unet, n: int = 60, seed: int = 999, unseen: boo
     return pipeline.accuracy(results)
 
 
+# The generation stages, latest first: a stage that reads "the DiT so far" takes the first that has run.
+GENERATION_STAGES = ("generation4", "generation3", "generation2", "generation")
+
+
 def more(steps: int = 2500, name: str = "generation2", start: str = "generation", seed: int = 6,
          lr: float = 5e-4) -> None:
     """Generation continued at half the rate, queries still frozen: the judge rose at every check of the
@@ -187,5 +191,5 @@ def anneal(steps: int = 1500) -> None:
 
 
 def instruct(steps: int = 500) -> None:
-    train("instruct", steps=steps, lr=1.5e-4, seed=5, start=common.latest("generation4", "generation3", "generation2", "generation"), pool_size=6000, kinds=["pair", "count"],
-          check_every=250, query_lr=1.5e-5, query_start=0)
+    train("instruct", steps=steps, lr=1.5e-4, seed=5, start=common.latest(*GENERATION_STAGES), pool_size=6000,
+          kinds=["pair", "count"], check_every=250, query_lr=1.5e-5, query_start=0)
