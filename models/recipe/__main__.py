@@ -3,9 +3,9 @@
     bash models/run-python.sh -m models.recipe all [--out models/tiny]     # from nothing, fixed seeds
     bash models/run-python.sh -m models.recipe decoder generation          # some stages, in this order
 
-`all` runs features, then the backbone stages (understanding, ground, vision) side by side with the decoder
-stages (decoder, refine) in two processes of one thread each, then generation, generation2, generation3,
-generation4, instruct and the bundle.
+`all` runs features, then two lanes side by side, in two processes of one thread each: understanding, ground
+and the generation stages (generation, generation2, generation3, generation4, instruct), which read only the
+LM; and decoder, refine, vision and vision2 (the vision tower alone, the LM frozen); then the bundle.
 
 Stages (each writes models/recipe/checkpoints/<stage>.pt and starts from the committed checkpoints of the
 ones before it):
@@ -14,6 +14,7 @@ ones before it):
     ground         the same continued, with dense cell targets for the vision tower and questions about
                    generation prompts; the LM is frozen from here on
     vision         the vision tower alone trained further, more pairs
+    vision2        and once more, at half the rate, mostly questions about pairs
     decoder        UNet drawing images from features
     refine         the decoder trained further at a lower rate
     generation     the 64 query tokens + DiT, flow matching onto the features of the caption's image
@@ -35,16 +36,19 @@ import torch
 
 # stage -> (module, function), in recipe order; imported when the stage runs (each pulls in torch models)
 TRAINERS = {"features": ("features", "train"), "understanding": ("understanding", "train"), "ground": ("understanding", "ground"),
-            "vision": ("understanding", "vision"),
+            "vision": ("understanding", "vision"), "vision2": ("understanding", "vision2"),
             "decoder": ("decoder", "train"), "refine": ("decoder", "refine"),
             "generation": ("generation", "train"),
             "generation2": ("generation", "more"), "generation3": ("generation", "more3"),
             "generation4": ("generation", "anneal"), "instruct": ("generation", "instruct")}
 STAGES = tuple(TRAINERS) + ("bundle",)
-# Stages that `all` runs side by side after features: neither lane reads the other's output. On this 2-core
-# machine one thread per process is the faster setting anyway (a DiT training step: 0.66 s at one thread,
-# 1.0-1.2 s at two), so two lanes take about the time of the longer one.
-LANES = (("understanding", "ground", "vision"), ("decoder", "refine"))
+# Stages that `all` runs side by side after features. Neither lane's weights depend on the other's: the
+# generation stages read the LM, which `vision` leaves bit for bit as `ground` wrote it, and only their
+# judge checks draw with whichever decoder checkpoint exists at the time. On this 2-core machine one thread
+# per process is the faster setting anyway (a DiT training step: 0.66 s at one thread, 1.0-1.2 s at two), so
+# two lanes take about the time of the longer one.
+LANES = (("understanding", "ground", "generation", "generation2", "generation3", "generation4", "instruct"),
+         ("decoder", "refine", "vision", "vision2"))
 
 
 def run(stage: str, out: Path) -> None:
@@ -84,6 +88,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("models/tiny"), help="bundle directory (stage bundle)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see LANES)")
     a = ap.parse_args()
+    # Read at startup, so set them and start again: byte-identical TorchScript files (models/export.py);
+    # and OpenBLAS, which torch's thread setting does not reach, on as many threads as torch. On its
+    # default (every core) the forward and backward of a DiT training step took 0.80 s instead of 0.47 s
+    # next to another training process.
+    env = {"PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": str(a.threads)}
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.environ.update(env)
+        os.execv(sys.executable, [sys.executable, "-m", "models.recipe"] + sys.argv[1:])
     torch.set_num_threads(a.threads)
     laned = [s for lane in LANES for s in lane] if "all" in a.stages else []
     stages = [s for s in STAGES if ("all" in a.stages or s in a.stages) and s not in laned]
@@ -97,7 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("PYTHONHASHSEED") != "0":  # byte-identical TorchScript files (see models/export.py)
-        os.environ["PYTHONHASHSEED"] = "0"
-        os.execv(sys.executable, [sys.executable, "-m", "models.recipe"] + sys.argv[1:])
     main()

@@ -81,3 +81,13 @@ def test_lanes_run_side_by_side_and_a_failed_lane_stops_the_recipe(tmp_path):
         run_lanes([("no-such-stage",), ("bundle",)], tmp_path / "failed")
     run_lanes([("bundle",)], tmp_path / "ok")
     assert (tmp_path / "ok" / "manifest.json").exists()
+
+
+def test_swaps_exchange_exactly_the_two_words():
+    """The swaps diagnostic must change only the position words it names, both ways, and nothing else."""
+    from models.recipe.swaps import swapped
+
+    c = "a small red circle at the top left on a white background"
+    assert swapped(c, "left", "right") == "a small red circle at the top right on a white background"
+    assert swapped(c, "top", "bottom") == "a small red circle at the bottom left on a white background"
+    assert swapped(swapped(c, "left", "right"), "left", "right") == c
