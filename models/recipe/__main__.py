@@ -90,8 +90,8 @@ def main() -> None:
     a = ap.parse_args()
     # Read at startup, so set them and start again: byte-identical TorchScript files (models/export.py);
     # and OpenBLAS, which torch's thread setting does not reach, on as many threads as torch. On its
-    # default (every core) the forward and backward of a DiT training step took 0.80 s instead of 0.47 s
-    # next to another training process.
+    # default (every core) the forward and backward of a DiT training step took 0.76-0.85 s instead of
+    # 0.46-0.48 s next to another training process.
     env = {"PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": str(a.threads)}
     if any(os.environ.get(k) != v for k, v in env.items()):
         os.environ.update(env)
