@@ -140,9 +140,8 @@ def train(stage: str = "generation", steps: int = 5000, batch_size: int = 32, lr
         keep = (torch.rand(batch_size, 1, 1) >= 0.1).float()  # 10% dropped to the all-zeros condition
         sigma = torch.sigmoid(torch.randn(batch_size, 1, 1))  # logit-normal, as SD3 samples it
         noise = torch.randn_like(x0)
-        xt = (1 - sigma) * x0 + sigma * noise
         # dropped conditions are raw zeros, as the runtime's unconditional branch passes them
-        loss = F.mse_loss(dit(xt, sigma.flatten() * 1000, (cond * keep - mu) / sd), noise - x0)
+        loss = velocity_loss(dit, x0, sigma, noise, (cond * keep - mu) / sd)
         common.step(opt, loss, params)
         average(ema, dit, min(ema_decay, (1 + step) / (10 + step)))
         if step % 25 == 0 or step == steps - 1:
@@ -151,6 +150,14 @@ def train(stage: str = "generation", steps: int = 5000, batch_size: int = 32, lr
             acc = judge(p, tok, backbone, folded(ema, mu, sd).eval(), load_unet(p))
             log("judge (averaged DiT), full pipeline on fresh prompts: " + pipeline.fmt(acc))
     common.save(stage, {"dit": ema.state_dict(), "queries": backbone.queries.detach().clone(), "mu": mu, "sd": sd})
+
+
+def velocity_loss(dit: DiT, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+                  cond: torch.Tensor) -> torch.Tensor:
+    """The flow-matching loss the DiT trains on: at x_t = (1 - sigma) x0 + sigma noise (sigma [N, 1, 1]) and
+    timestep sigma * 1000, the mean squared error of its velocity against noise - x0."""
+    xt = (1 - sigma) * x0 + sigma * noise
+    return F.mse_loss(dit(xt, sigma.flatten() * 1000, cond), noise - x0)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from .. import shapes
 from ..presets import get_preset
 from . import data
 from .features import load_encoder
-from .generation import condition, load_dit
+from .generation import condition, load_dit, velocity_loss
 from .understanding import load_backbone
 
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
@@ -46,10 +46,8 @@ def losses(stage: str, n: int = 64, sigmas=(0.3, 0.5, 0.7, 0.9), seed: int = 3) 
     out = {k: [] for k in captions}
     for sigma in sigmas:
         noise = torch.randn(x0.shape, generator=g)
-        xt = (1 - sigma) * x0 + sigma * noise
         for k, c in conds.items():
-            v = dit(xt, torch.full((n,), sigma * 1000.0), c)
-            out[k].append(float(((v - (noise - x0)) ** 2).mean()))
+            out[k].append(float(velocity_loss(dit, x0, torch.full((n, 1, 1), sigma), noise, c)))
     return {"sigmas": list(sigmas), **out}
 
 
