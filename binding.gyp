@@ -6,6 +6,7 @@
         "native/addon/addon.cpp",
         "native/addon/js.cpp",
         "native/addon/native_model.cpp",
+        "native/core/cuda_graph.cpp",
         "native/core/executor.cpp",
         "native/core/manifest.cpp",
         "native/core/model.cpp",

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // CUDA correctness against CPU on one bundle, through the public API (dist/): the same prompts and
 // seeds on cpu/float32, cuda/float32 and cuda/bfloat16; largest pixel difference per dtype and whether
-// describe gives the same answers. Prints one JSON object.
+// describe gives the same answers; and CUDA graphs against the eager path in bfloat16, which replay
+// the same kernels and so must give the same bytes. Prints one JSON object.
 // bfloat16 is judged by content, not per pixel: its images must get the same describe answers as
 // float32's. A per-pixel bound does not hold for a trained model: bfloat16 rounding in the backbone
 // or the DiT alone moves the sampled features enough to shift an edge or re-place an object the
@@ -20,8 +21,8 @@ const prompts = [
 ];
 const seeds = [1, 2, 3, 4];
 
-async function run(dir, device, dtype) {
-  const model = await loadModel(dir, { device, dtype });
+async function run(dir, device, dtype, cudaGraphs = true) {
+  const model = await loadModel(dir, { device, dtype, cudaGraphs });
   try {
     const images = [];
     for (let i = 0; i < prompts.length; i++) images.push(await model.generate(prompts[i], { seed: seeds[i], format: 'png' }));
@@ -61,7 +62,10 @@ async function diff(as, bs) {
   const cpu = await run(dir, 'cpu', 'float32');
   const f32 = await run(dir, 'cuda', 'float32');
   const bf16 = await run(dir, 'cuda', 'bfloat16');
+  const bf16Eager = await run(dir, 'cuda', 'bfloat16', false);
   const [fp32, bf, batch] = [await diff(cpu.images, f32.images), await diff(cpu.images, bf16.images), await diff(f32.images, f32.batch)];
+  const graphVsEager = await diff(bf16.images, bf16Eager.images);
+  const graphVsEagerBatch = await diff(bf16.batch, bf16Eager.batch);
   console.log(JSON.stringify({
     runtime: runtimeInfo(),
     bundle: dir,
@@ -73,7 +77,10 @@ async function diff(as, bs) {
       fp32BatchVsAloneMaxPixelDiff: batch.max,
       describeSame: f32.answers.every((a, i) => a === cpu.answers[i]),
       describeSameBf16: bf16.answers.every((a, i) => a === cpu.answers[i]),
+      bf16GraphVsEagerMaxPixelDiff: Math.max(graphVsEager.max, graphVsEagerBatch.max),
+      describeSameGraphVsEager: bf16.answers.every((a, i) => a === bf16Eager.answers[i]),
     },
+    cudaGraphs: bf16.info.cudaGraphs,
     answers: { cpu: cpu.answers, cudaFloat32: f32.answers, cudaBfloat16: bf16.answers },
   }, null, 2));
 })().catch((err) => {

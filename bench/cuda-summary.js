@@ -1,7 +1,8 @@
 #!/usr/bin/env node
-// Merges one bench/cuda.sh run (its $OUT: env.json, cuda-check.json, bench.json) into the CUDA results:
-// <date>_cuda_<card>.json (device, torch and CUDA versions, settings, correctness, stage timings in ms
-// with the runtime and the Python reference side by side) and the same as a Markdown table.
+// Merges one bench/cuda.sh run (its $OUT: env.json, cuda-check.json, speed-4b.json, speed-8b.json,
+// floors.json) into the CUDA results: <date>_cuda_<card>.json and the same as a Markdown table. The
+// four headline quantities (ditLoopMs, decoderStepMs, imageMs, decodeTokensPerSec) each for the graph
+// path, the eager path, the Python reference and the hardware floor, beside the targets.
 //   node bench/cuda-summary.js OUT_DIR RESULTS_DIR
 'use strict';
 const fs = require('node:fs');
@@ -15,85 +16,99 @@ function readJson(file) {
   }
 }
 
-const side = (c) => (c ? { runtimeMs: c.nativeMs, referenceMs: c.pythonMs, ratio: c.ratio } : null);
+// Issue 5's targets at the 4B dimensions (decode at the 7B backbone's), bfloat16, on an H100.
+const targets = { ditLoopMs: 40, decoderStepMs: 50, imageMs: 1500, decodeTokensPerSec: 150 };
+const higherIsBetter = new Set(['decodeTokensPerSec']);
 
-function summarize(env, check, bench) {
-  const b = bench;
+function side(speed4b, speed8b, name) {
+  const g = speed4b?.generation?.sides[name];
+  const d = speed8b?.decode?.sides[name];
+  return { ditLoopMs: g?.ditLoopMs ?? null, decoderStepMs: g?.decoderStepMs ?? null, imageMs: g?.imageMs ?? null,
+           decodeTokensPerSec: d?.decodeTokensPerSec ?? null };
+}
+
+function summarize(env, check, speed4b, speed8b, floors) {
+  const graph = side(speed4b, speed8b, 'graph');
   return {
-    date: (b?.date ?? new Date().toISOString()),
+    date: new Date().toISOString(),
     device: env?.gpu ?? null,
     gpuMemoryGiB: env?.gpuMemoryGiB ?? null,
     torch: env?.torch ?? null,
     cuda: env?.cuda ?? null,
-    libtorch: check?.runtime?.libtorch ?? b?.runtime.libtorch ?? null,
-    correctness: check ? { bundle: 'models/tiny', prompts: check.prompts.length, ...check.correctness } : null,
-    realSize: b && {
-      bundle: b.settings.bundle,
-      settings: {
-        device: b.settings.device, dtype: b.settings.dtype, image: b.images.native,
-        steps: b.settings.steps, cfg: b.settings.cfg, decoderSteps: b.settings.decoderSteps, decoderCfg: b.settings.decoderCfg,
-        runs: b.settings.runs, warmupRuns: b.settings.warmupRuns, prompt: b.settings.prompt,
-      },
-      stagesMs: {
-        load: side({ nativeMs: b.load.coldMs, pythonMs: b.load.pythonMs, ratio: b.load.pythonMs ? b.load.coldMs / b.load.pythonMs : null }),
-        condition: side(b.stages.condition),
-        ditLoop: side(b.stages.dit),
-        ditStep: side(b.steps.dit),
-        decoderLoop: side(b.stages.decoder),
-        decoderStep: side(b.steps.decoder),
-        vae: side(b.stages.vae),
-        endToEnd: side(b.endToEnd),
-      },
-      runtimeVsReferenceMaxPixelDiff: b.maxPixelDiff,
-      understanding: b.understanding,
-      peakCudaMb: { runtime: b.memory.peakCudaMb, reference: b.memory.pythonPeakCudaMb },
+    libtorch: check?.runtime?.libtorch ?? speed4b?.runtime?.libtorch ?? null,
+    targets,
+    graph,
+    eager: side(speed4b, speed8b, 'eager'),
+    python: side(speed4b, speed8b, 'python'),
+    floor: floors && { ditLoopMs: floors.ditLoopMs, decoderStepMs: floors.decoderStepMs, imageMs: floors.imageMs,
+                       decodeTokensPerSec: floors.decodeTokensPerSec },
+    graphMeetsTarget: Object.fromEntries(Object.entries(targets).map(([k, t]) =>
+      [k, graph[k] === null ? null : higherIsBetter.has(k) ? graph[k] >= t : graph[k] <= t])),
+    cudaGraphs: { realSize4b: speed4b?.cudaGraphs ?? null, realSize8b: speed8b?.cudaGraphs ?? null, tiny: check?.cudaGraphs ?? null },
+    correctness: {
+      tiny: check ? { bundle: 'models/tiny', prompts: check.prompts.length, ...check.correctness } : null,
+      realSizeGraphVsEagerMaxPixelDiff: speed4b?.generation?.graphVsEagerMaxPixelDiff ?? null,
+      realSizeGraphVsPythonMaxPixelDiff: speed4b?.generation?.graphVsPythonMaxPixelDiff ?? null,
+      decodeSameAnswerGraphVsEager: { '4b': speed4b?.decode?.sameAnswer ?? null, '8b': speed8b?.decode?.sameAnswer ?? null },
     },
+    bundles: { image: speed4b?.bundle ?? null, decode: speed8b?.bundle ?? null },
+    generation: speed4b?.generation ?? null,
+    decode: { '4b': speed4b?.decode ?? null, '8b': speed8b?.decode ?? null },
+    floors,
+    pythonPeakCudaMb: { '4b': speed4b?.pythonPeakCudaMb ?? null, '8b': speed8b?.pythonPeakCudaMb ?? null },
   };
 }
 
-function ms(v) {
+function fmt(v, key) {
   if (v === null || v === undefined || !Number.isFinite(v)) return '–';
+  if (key === 'decodeTokensPerSec') return `${v.toFixed(0)} tokens/s`;
   return v >= 1000 ? `${(v / 1000).toFixed(2)} s` : v >= 10 ? `${v.toFixed(0)} ms` : `${v.toFixed(2)} ms`;
 }
 
 function markdown(s) {
-  const lines = [`### CUDA: ${s.device ?? 'unknown GPU'}, torch ${s.torch} (CUDA ${s.cuda}), ${s.date.slice(0, 10)}`, ''];
-  const c = s.correctness;
-  if (c) {
-    lines.push(
-      `Correctness on the bundled tiny model (${c.prompts} prompts and seeds; CPU float32 is the reference):`, '',
-      '| check | result |', '|---|---|',
-      `| CUDA float32 vs CPU, largest pixel difference | ${c.fp32MaxPixelDiff}/255 (required ≤ 2) |`,
-      `| CUDA bfloat16 vs CPU, largest / mean pixel difference | ${c.bf16MaxPixelDiff}/255 / ${c.bf16MeanPixelDiff?.toFixed(3)} (information: bfloat16 is judged by content, see bench/cuda-check.js) |`,
-      `| CUDA float32, batch of 4 vs each alone | ${c.fp32BatchVsAloneMaxPixelDiff}/255 |`,
-      `| describe, same answers as CPU (float32 / bfloat16 images) | ${c.describeSame ? 'yes' : 'NO'} / ${c.describeSameBf16 ? 'yes' : 'NO'} |`, '');
-  } else {
-    lines.push('Correctness check: did not run (see log.txt).', '');
+  const card = s.device ?? 'unknown GPU';
+  const lines = [`### CUDA graphs: ${card}, torch ${s.torch} (CUDA ${s.cuda}), ${s.date.slice(0, 10)}`, ''];
+  const labels = {
+    ditLoopMs: 'DiT loop, 30 steps, CFG (4B dims)',
+    decoderStepMs: 'decoder step, CFG, 1024 x 1024 (4B dims)',
+    imageMs: 'one 1024 x 1024 image, end to end (4B dims)',
+    decodeTokensPerSec: 'text decode, batch 1 (7B backbone dims)',
+  };
+  lines.push('| quantity | target | graph | eager | Python reference | floor |', '|---|---:|---:|---:|---:|---:|');
+  for (const [key, label] of Object.entries(labels)) {
+    const met = s.graphMeetsTarget[key] === null ? '' : s.graphMeetsTarget[key] ? ' (met)' : ' (missed)';
+    lines.push(`| ${label} | ${higherIsBetter.has(key) ? '≥' : '≤'} ${fmt(targets[key], key)} | ${fmt(s.graph[key], key)}${met} | ` +
+      `${fmt(s.eager[key], key)} | ${fmt(s.python[key], key)} | ${fmt(s.floor?.[key], key)} |`);
   }
-  const r = s.realSize;
-  if (r) {
-    const st = r.settings;
-    const row = (label, v) => `| ${label} | ${ms(v?.runtimeMs)} | ${ms(v?.referenceMs)} | ${v?.ratio == null ? '–' : v.ratio.toFixed(2)} |`;
-    const u = r.understanding;
-    lines.push(
-      `Real size: ${r.bundle}, ${st.dtype}, ${st.image.width} x ${st.image.height}; DiT ${st.steps} steps (CFG ${st.cfg}), ` +
-        `decoder ${st.decoderSteps} steps (CFG ${st.decoderCfg}); medians of ${st.runs} runs per side after ${st.warmupRuns} warm-up, alternating, same token ids and seeds.`, '',
-      '| stage | runtime | Python reference | runtime / reference |', '|---|---:|---:|---:|',
-      row('model load (fresh process)', r.stagesMs.load),
-      row('backbone conditioning', r.stagesMs.condition),
-      row(`DiT loop (${st.steps} steps, CFG ${st.cfg})`, r.stagesMs.ditLoop),
-      row('DiT step', r.stagesMs.ditStep),
-      row(`decoder loop (${st.decoderSteps} steps, CFG ${st.decoderCfg})`, r.stagesMs.decoderLoop),
-      row('decoder step', r.stagesMs.decoderStep),
-      row('VAE decode', r.stagesMs.vae),
-      row('end to end, to pixels', r.stagesMs.endToEnd),
-      '',
-      `Runtime and reference images of the same seed: largest pixel difference ${r.runtimeVsReferenceMaxPixelDiff ?? '–'}/255. ` +
-        `Describe (runtime, greedy): ${u.promptTokens} prompt tokens prefilled in ${ms(u.prefillMs)} ` +
-        `(${(u.promptTokens / (u.prefillMs / 1000)).toFixed(0)} tokens/s), ${u.generatedTokens} tokens decoded at ${u.decodeTokensPerSec.toFixed(1)} tokens/s. ` +
-        `Peak CUDA memory of the reference: ${r.peakCudaMb.reference == null ? '–' : `${(r.peakCudaMb.reference / 1024).toFixed(1)} GiB`}.`, '');
-  } else {
-    lines.push('Real-size run: did not complete (see log.txt).', '');
+  lines.push('');
+  const g = s.generation;
+  if (g) {
+    const st = g.settings;
+    lines.push(`Per stage (${s.bundles.image}, bfloat16; DiT ${st.steps} steps CFG ${st.cfg}, decoder ${st.decoderSteps} steps CFG ${st.decoderCfg}; ` +
+      `medians of ${st.runs} runs per side after ${st.warmupRuns} warm-up, alternating, same token ids and seeds):`, '',
+    '| stage | graph | eager | Python reference |', '|---|---:|---:|---:|');
+    for (const [key, label] of [['conditionMs', 'backbone conditioning'], ['ditStepMs', 'DiT step'], ['ditLoopMs', 'DiT loop'],
+      ['decoderStepMs', 'decoder step'], ['decoderLoopMs', 'decoder loop'], ['vaeMs', 'VAE decode'], ['imageMs', 'end to end, to pixels']]) {
+      lines.push(`| ${label} | ${fmt(g.sides.graph[key])} | ${fmt(g.sides.eager[key])} | ${fmt(g.sides.python[key])} |`);
+    }
+    lines.push('');
+  }
+  const c = s.correctness;
+  lines.push('Correctness:', '',
+    `- graph vs eager, same seeds, 4B dims: largest pixel difference ${c.realSizeGraphVsEagerMaxPixelDiff ?? '–'}/255; ` +
+      `graph vs Python reference ${c.realSizeGraphVsPythonMaxPixelDiff ?? '–'}/255.`,
+    `- greedy answers, graph vs eager: 4B ${c.decodeSameAnswerGraphVsEager['4b'] ?? '–'}, 8B ${c.decodeSameAnswerGraphVsEager['8b'] ?? '–'}.`);
+  if (c.tiny) {
+    lines.push(`- bundled tiny model: bfloat16 graph vs eager ${c.tiny.bf16GraphVsEagerMaxPixelDiff}/255 (answers same: ${c.tiny.describeSameGraphVsEager}); ` +
+      `CUDA float32 vs CPU ${c.tiny.fp32MaxPixelDiff}/255; describe same as CPU ${c.tiny.describeSame} / ${c.tiny.describeSameBf16} (float32 / bfloat16).`);
+  }
+  lines.push(`- CUDA graph status after the runs: ${JSON.stringify(s.cudaGraphs.realSize4b)} (4B), ${JSON.stringify(s.cudaGraphs.realSize8b)} (8B).`, '');
+  if (s.floors) {
+    const f = s.floors;
+    lines.push(`Floors: ${f.card} at ${f.bandwidthTBs} TB/s and ${f.bf16Tflops} dense bfloat16 TFLOP/s (datasheet); a step's floor is the larger of ` +
+      `weight bytes / bandwidth and FLOPs / peak. DiT step ${(f.ditStep.weightBytes / 1e9).toFixed(2)} GB, ${(f.ditStep.flops / 1e12).toFixed(2)} TFLOP; ` +
+      `decoder step ${(f.decoderStep.flops / 1e12).toFixed(1)} TFLOP; VAE ${(f.vae.flops / 1e12).toFixed(1)} TFLOP; ` +
+      `decode ${(f.decodeToken.weightBytes / 1e9).toFixed(2)} GB per token (${f.decodeToken.preset}).`, '');
   }
   return `${lines.join('\n')}\n`;
 }
@@ -103,9 +118,10 @@ if (!outDir || !resultsDir) {
   console.error('usage: node bench/cuda-summary.js OUT_DIR RESULTS_DIR');
   process.exit(2);
 }
-const s = summarize(readJson(path.join(outDir, 'env.json')), readJson(path.join(outDir, 'cuda-check.json')), readJson(path.join(outDir, 'bench.json')));
+const read = (name) => readJson(path.join(outDir, name));
+const s = summarize(read('env.json'), read('cuda-check.json'), read('speed-4b.json'), read('speed-8b.json'), read('floors.json'));
 const card = (s.device ?? 'gpu').toLowerCase().replace(/[^a-z0-9]+/g, '-').replace(/^-|-$/g, '');
-const base = path.join(resultsDir, `${s.date.slice(0, 19).replace(/:/g, '-')}_cuda_${card}`);
+const base = path.join(resultsDir, `${s.date.slice(0, 19).replace(/:/g, '-')}_cuda-graphs_${card}`);
 fs.mkdirSync(resultsDir, { recursive: true });
 fs.writeFileSync(`${base}.json`, `${JSON.stringify(s, null, 2)}\n`);
 fs.writeFileSync(`${base}.md`, markdown(s));

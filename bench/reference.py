@@ -11,6 +11,7 @@ Serve protocol (one JSON object per line each way; a failure answers {"error": "
         -> {"loadMs", "threads", "torch"}                 threads 0 = torch's default
     {"op": "generate", "ids": [...], "seed": N, "steps"?, "cfg"?, "decoderSteps"?, "decoderCfg"?}
         -> {"width", "height", "pixels": base64 of HWC uint8, "timings": {...Ms, ditStepMs, decoderStepMs}}
+    {"op": "decode", "promptTokens": L, "tokens": N, "cacheLength": C} -> {"decodeMs", "tokens"}
     {"op": "stats"} -> {"peakRssMb", "peakCudaMb"}
 """
 import argparse
@@ -199,6 +200,24 @@ def denoise(prediction: str, z: Tensor, out: Tensor, sigma: Tensor) -> Tensor:
     return out * (-sigma / (sigma ** 2 + 1) ** 0.5) + z / (sigma ** 2 + 1)  # v_prediction
 
 
+def decode_speed(b: Bundle, prompt_tokens: int, tokens: int, cache_length: int) -> Dict:
+    """Greedy text decoding the way an eager runtime does it: a prompt of stand-in ids prefilled into a
+    static cache of `cache_length` positions, then one decode call per token, each token read back to
+    choose the next. The time per token depends on the sizes, not on which ids."""
+    ids = torch.arange(prompt_tokens, device=b.device).remainder(1000).unsqueeze(0)
+    cache = b.backbone.new_cache(1, cache_length)
+    logits = b.backbone.prefill(b.backbone.embed(ids), cache)
+    b.sync()
+    start = time.perf_counter()
+    for i in range(tokens):
+        token = int(logits[0].argmax())
+        if i + 1 < tokens:  # the last token needs no decode call (as in the runtime's loop)
+            logits = b.backbone.decode(torch.tensor([[token]], device=b.device),
+                                       torch.tensor([prompt_tokens + i], device=b.device), cache)
+    b.sync()
+    return {"decodeMs": ms_since(start), "tokens": tokens}
+
+
 def serve() -> None:
     """The benchmark's long-lived reference process: JSON requests on stdin, JSON answers on stdout."""
     state: Dict = {"bundle": None, "negativeIds": []}
@@ -221,6 +240,10 @@ def serve() -> None:
                                            req.get("cfg"), req.get("decoderSteps"), req.get("decoderCfg"))
             return {"width": pixels.shape[1], "height": pixels.shape[0], "timings": timings,
                     "pixels": base64.b64encode(pixels.tobytes()).decode("ascii")}
+        if op == "decode":
+            assert b is not None, "decode before load"
+            with torch.inference_mode():
+                return decode_speed(b, req["promptTokens"], req["tokens"], req["cacheLength"])
         if op == "stats":
             cuda = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
             return {"peakRssMb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peakCudaMb": cuda}

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import RMSNorm, SwiGLU, apply_rope, attention, repeat_kv, rope_1d, rope_2d
+from .layers import RMSNorm, SwiGLU, apply_rope, attention, grouped_attention, rope_1d, rope_2d
 from .presets import BackboneConfig, VisionConfig
 
 
@@ -41,7 +41,7 @@ class SelfAttention(nn.Module):
                 cache[1].index_copy_(2, position, v)
                 k, v = cache[0], cache[1]
         groups = self.heads // self.kv_heads
-        y = attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask)
+        y = grouped_attention(q, k, v, mask, groups)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import RMSNorm, SwiGLU, TimestepMLP, apply_rope, attention, repeat_kv, rope_2d, timestep_embedding
+from .layers import RMSNorm, SwiGLU, TimestepMLP, apply_rope, grouped_attention, rope_2d, timestep_embedding
 from .presets import DitConfig
 
 TIME_FREQ_DIM = 256  # sinusoidal timestep embedding width (Lumina-Next)
@@ -45,7 +45,7 @@ class QKNormAttention(nn.Module):
         if rope_keys:  # self-attention only: caption keys have no position on the image grid
             k = apply_rope(k, cos, sin)
         groups = self.heads // self.kv_heads
-        return attention(q, repeat_kv(k, groups), repeat_kv(v, groups), None).transpose(1, 2)
+        return grouped_attention(q, k, v, None, groups).transpose(1, 2)
 
 
 class DitBlock(nn.Module):

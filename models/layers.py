@@ -37,6 +37,31 @@ def repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x[:, :, None].expand(B, H, groups, S, D).reshape(B, H * groups, S, D)
 
 
+def one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], groups: int) -> Tensor:
+    """attention() of one query token (q [B, heads, 1, d]) over k/v [B, kvHeads, S, d] without repeating
+    k/v per head: each key head's `groups` query heads are one batch of the matmuls, so the keys and
+    values are read once (decoding reads the whole cache every token). Scores and weights in float32."""
+    B, H, L, D = q.shape
+    qg = q.reshape(B, H // groups, groups, D).float()
+    scores = torch.matmul(qg, k.float().transpose(-2, -1)) * (1.0 / math.sqrt(D))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype).reshape(B, H, L, D)
+
+
+if HAS_SDPA:
+    def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], groups: int) -> Tensor:
+        """attention() with k/v [B, heads/groups, S, d]. Decoding (one query) reads k/v once; otherwise
+        they are repeated per head for the fused kernels."""
+        if q.shape[2] == 1 and groups > 1:
+            return one_query_attention(q, k, v, mask, groups)
+        return attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask)
+else:  # (torch 1.13: the bundled model's export, kept as it was)
+    def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], groups: int) -> Tensor:
+        """attention() with k/v [B, heads/groups, S, d], repeated per head."""
+        return attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -48,9 +48,18 @@ try {
   process.exit(1);
 }
 const has = (name) => fs.existsSync(path.join(t.lib, `lib${name}.so`));
+// A CUDA libtorch compiles the CUDA graphs in (native/core/cuda_graph.cpp), which need the CUDA
+// runtime's headers: the toolkit's, or those of a torch wheel's nvidia packages.
+function cudaInclude() {
+  const site = path.resolve(t.lib, '../..');
+  const candidates = [path.join(process.env.CUDA_HOME || '/usr/local/cuda', 'include'),
+                      path.join(site, 'nvidia/cuda_runtime/include'), path.join(site, 'nvidia/cu13/include')];
+  return candidates.find((d) => fs.existsSync(path.join(d, 'cuda_runtime_api.h')));
+}
+const cuda = has('torch_cuda') ? cudaInclude() : undefined;
 const out = {
-  include: t.include,
-  cflags: [abiFlag(t.cmake)],
+  include: [...t.include, ...(cuda ? [cuda] : [])],
+  cflags: [abiFlag(t.cmake), ...(cuda ? ['-DBLIP3O_CUDA'] : [])],
   // torch_cuda registers CUDA with ATen from static initialisers: keep it even though nothing
   // references it directly.
   libs: ['-ltorch', '-ltorch_cpu', '-lc10',

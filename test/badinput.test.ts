@@ -120,6 +120,7 @@ const rules = {
     threads: (v: unknown) => isInt(v) && v >= 0 && v <= 4096,
     maxBatch: (v: unknown) => isInt(v) && v >= 1,
     maxQueue: (v: unknown) => isInt(v) && v >= 1,
+    cudaGraphs: (v: unknown) => typeof v === 'boolean',
   },
 } as const;
 
@@ -196,6 +197,7 @@ t.test('bad input', { skip: skipWithoutRuntime }, async (t) => {
     await rejectsInvalid(t, loadModel({ threads: 5000 }), /integer between 0 and 4096 for threads but received 5000/, 'threads too many');
     await rejectsInvalid(t, loadModel({ maxBatch: 0 }), /positive integer for maxBatch/, 'maxBatch');
     await rejectsInvalid(t, loadModel({ maxQueue: 1.5 }), /positive integer for maxQueue/, 'maxQueue');
+    await rejectsInvalid(t, loadModel({ cudaGraphs: 'yes' as never }), /boolean for cudaGraphs/, 'cudaGraphs');
     await rejectsInvalid(t, loadModel({ devise: 'cpu' } as never), /Unknown option "devise" for loadModel/, 'unknown option');
     await rejectsInvalid(t, loadModel(''), /non-empty string for dir/, 'empty dir');
     await rejectsInvalid(t, loadModel(3 as never), /loadModel options/, 'a number');

@@ -43,6 +43,7 @@ t.test('bundle validation', { skip: skipWithoutRuntime }, async (t) => {
   t.test('an intact copy loads', async (t) => {
     const model = await loadModel(brokenCopy(() => undefined), { device: 'cpu' });
     t.equal(model.info().name, 'blip3o-tiny-shapes');
+    t.same(model.info().cudaGraphs, { dit: 'off (cpu)', decode: 'off (cpu)' }, 'no CUDA graphs on CPU, and info says why');
     await model.dispose();
   });
 

@@ -178,5 +178,8 @@ t.test('with the model', { skip: skipWithoutRuntime }, async (t) => {
     t.equal(text.code, 0, text.stderr);
     t.match(text.stdout, /bundle +blip3o-tiny-shapes/);
     t.match(text.stdout, /libtorch +\d+\.\d+/);
+    const eager = run(['info', '--json', '--device', 'cpu', '--no-cuda-graphs']);
+    t.equal(eager.code, 0, eager.stderr);
+    t.same(JSON.parse(eager.stdout).cudaGraphs, { dit: 'off (cpu)', decode: 'off (cpu)' }, '--no-cuda-graphs is accepted; CPU has none anyway');
   });
 });

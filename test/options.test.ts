@@ -123,16 +123,19 @@ t.test('load options', async (t) => {
   rejects(t, l({ dtype: 'fp16' }), "Expected one of 'auto', 'float32', 'bfloat16', 'float16' for dtype but received \"fp16\" of type string");
   rejects(t, l({ threads: -1 }), 'Expected non-negative integer for threads but received -1 of type number');
   rejects(t, l({ threads: 1.5 }), 'Expected non-negative integer for threads but received 1.5 of type number');
-  rejects(t, l({ gpu: true }), 'Unknown option "gpu" for loadModel; expected one of device, dtype, threads, maxBatch, maxQueue');
+  rejects(t, l({ gpu: true }), 'Unknown option "gpu" for loadModel; expected one of device, dtype, threads, maxBatch, maxQueue, cudaGraphs');
+  rejects(t, l({ cudaGraphs: 'no' }), 'Expected boolean for cudaGraphs but received "no" of type string');
+  rejects(t, l({ cudaGraphs: 0 }), 'Expected boolean for cudaGraphs but received 0 of type number');
   rejects(t, l({ maxBatch: 0 }), 'Expected positive integer for maxBatch but received 0 of type number');
   rejects(t, l({ maxQueue: 1.5 }), 'Expected positive integer for maxQueue but received 1.5 of type number');
-  t.same(validateLoadOptions(undefined), { device: 'auto', dtype: 'auto', threads: 0, maxBatch: 8, maxQueue: 64 });
-  t.same(validateLoadOptions({ device: 'cpu', dtype: 'float32', threads: 2, maxBatch: 4, maxQueue: 2 }), {
+  t.same(validateLoadOptions(undefined), { device: 'auto', dtype: 'auto', threads: 0, maxBatch: 8, maxQueue: 64, cudaGraphs: true });
+  t.same(validateLoadOptions({ device: 'cpu', dtype: 'float32', threads: 2, maxBatch: 4, maxQueue: 2, cudaGraphs: false }), {
     device: 'cpu',
     dtype: 'float32',
     threads: 2,
     maxBatch: 4,
     maxQueue: 2,
+    cudaGraphs: false,
   });
 });
 

@@ -51,6 +51,11 @@ export class PythonReference {
     return { ...res, pixels: Buffer.from(res.pixels, 'base64') };
   }
 
+  /** Greedy decoding of `tokens` tokens after a `promptTokens` prompt, in a cache of `cacheLength`. */
+  decode(req: { promptTokens: number; tokens: number; cacheLength: number }): Promise<{ decodeMs: number; tokens: number }> {
+    return this.server.request({ op: 'decode', ...req });
+  }
+
   stats(): Promise<{ peakRssMb: number; peakCudaMb: number | null }> {
     return this.server.request({ op: 'stats' });
   }

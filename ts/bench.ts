@@ -23,6 +23,8 @@ export interface BenchOptions {
   dtype?: DtypeRequest;
   /** CPU threads of both sides; 0 (default) = each side's default (the runtime's, torch's). */
   threads?: number;
+  /** The runtime's CUDA graphs (loadModel's cudaGraphs; default true). */
+  cudaGraphs?: boolean;
   /** Measured end-to-end runs per side (default 10; 2 with quick). */
   runs?: number;
   /** DiT / decoder steps (default: the bundle's). */
@@ -198,7 +200,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchReport>
   const reps = quick ? 1 : 3;
   const withPython = options.python !== false;
   const withThroughput = options.throughput !== false;
-  const loadOptions = validateLoadOptions({ device: options.device, dtype: options.dtype, threads: options.threads ?? 0 });
+  const loadOptions = validateLoadOptions({ device: options.device, dtype: options.dtype, threads: options.threads ?? 0, cudaGraphs: options.cudaGraphs ?? true });
   validateGenerateOptions({ steps: options.steps, decoderSteps: options.decoderSteps });
   const dir = path.resolve(options.model ?? bundledModelDir);
 

@@ -47,7 +47,9 @@ const modelOptionsHelp = `  --model DIR               bundle directory (default:
   --dtype auto|float32|bfloat16|float16
                             compute dtype (default auto)
   --threads N               CPU threads: samples computed at once, one core each;
-                            0 = the number of cores, at most 8 (default 0)`;
+                            0 = the number of cores, at most 8 (default 0)
+  --no-cuda-graphs          CUDA: run every DiT and decode step eagerly instead of
+                            replaying CUDA graphs`;
 
 const commandHelp: Record<string, string> = {
   generate: `Usage: blip3o generate PROMPT -o FILE [options]
@@ -146,6 +148,7 @@ const modelOptions: Options = {
   device: { type: 'string' },
   dtype: { type: 'string' },
   threads: { type: 'string' },
+  'no-cuda-graphs': { type: 'boolean' },
   json: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
 };
@@ -256,7 +259,8 @@ function pruned<T extends object>(options: T): T {
 function loadOptionsOf(values: Values): { dir: string | undefined; options: ReturnType<typeof validateLoadOptions> } {
   const device = stringOption(values, 'device');
   const dtype = stringOption(values, 'dtype');
-  const options = pruned({ device, dtype, threads: numberOption(values, 'threads') });
+  const cudaGraphs = values['no-cuda-graphs'] === true ? false : undefined;
+  const options = pruned({ device, dtype, threads: numberOption(values, 'threads'), cudaGraphs });
   try {
     return { dir: stringOption(values, 'model'), options: validateLoadOptions(options) };
   } catch (err) {
@@ -414,6 +418,7 @@ async function runInfo(values: Values, positionals: string[], signal: AbortSigna
     `directory  ${info.dir}`,
     `image      ${info.image.width}x${info.image.height}`,
     `device     ${info.device}, ${info.dtype}, ${info.threads} threads`,
+    `graphs     DiT ${info.cudaGraphs.dit}; decode ${info.cudaGraphs.decode}`,
     `defaults   steps ${info.defaults.steps}, cfg ${info.defaults.cfg}, decoder steps ${info.defaults.decoderSteps}, decoder cfg ${info.defaults.decoderCfg}`,
     `libtorch   ${info.libtorch} (${cuda})`,
     `blip3o     ${runtime.version}`,
@@ -455,6 +460,7 @@ async function runEvalCommand(values: Values, positionals: string[], signal: Abo
       device: options.device,
       dtype: options.dtype,
       threads: options.threads,
+      cudaGraphs: options.cudaGraphs,
       model: dir,
       prompts: numberOption(values, 'prompts'),
       unseen: numberOption(values, 'unseen'),

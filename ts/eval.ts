@@ -42,6 +42,8 @@ export interface EvalOptions {
   dtype?: DtypeRequest;
   /** CPU threads of the model; 0 (default) = the runtime's default. */
   threads?: number;
+  /** CUDA graphs (loadModel's cudaGraphs; default true). */
+  cudaGraphs?: boolean;
   /** Generation prompts of seen combinations, cycling single, pair, count (default 300). */
   prompts?: number;
   /** Generation prompts with a held-out combination (default 60). */
@@ -149,7 +151,7 @@ interface Judgement {
   why: string;
 }
 
-const knownOptions = ['model', 'device', 'dtype', 'threads', 'prompts', 'unseen', 'scenes', 'seed', 'out', 'log', 'signal'];
+const knownOptions = ['model', 'device', 'dtype', 'threads', 'cudaGraphs', 'prompts', 'unseen', 'scenes', 'seed', 'out', 'log', 'signal'];
 
 function integerIn(name: string, value: unknown, min: number, max: number, fallback: number): number {
   if (value === undefined) return fallback;
@@ -175,7 +177,7 @@ function validateEvalOptions(options: unknown) {
   if (o.log !== undefined && typeof o.log !== 'function') throw invalidOption('log', 'function', o.log);
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw invalidOption('signal', 'AbortSignal', o.signal);
   return {
-    load: validateLoadOptions({ device: o.device, dtype: o.dtype, threads: o.threads }),
+    load: validateLoadOptions({ device: o.device, dtype: o.dtype, threads: o.threads, cudaGraphs: o.cudaGraphs }),
     model: text('model'),
     out: text('out'),
     prompts: integerIn('prompts', o.prompts, 1, maxCount, defaultEvalCounts.prompts),

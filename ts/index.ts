@@ -12,7 +12,7 @@ export type {
 } from './options';
 export type { ImageInput } from './image';
 export type { BundleManifest } from './manifest';
-export type { Device, DeviceRequest, Dtype, DtypeRequest, GenerationStage } from './native';
+export type { CudaGraphStatus, Device, DeviceRequest, Dtype, DtypeRequest, GenerationStage } from './native';
 export {
   AbortError,
   AddonLoadError,

@@ -11,6 +11,7 @@ import { parseManifest, type BundleManifest } from './manifest';
 import {
   getBinding,
   packageRoot,
+  type CudaGraphStatus,
   type Device,
   type Dtype,
   type NativeDescribeResult,
@@ -87,6 +88,8 @@ export interface ModelInfo {
   device: Device;
   dtype: Dtype;
   threads: number;
+  /** Whether the DiT and text decode loops replay CUDA graphs, and why not when they do not. */
+  cudaGraphs: CudaGraphStatus;
   image: { width: number; height: number };
   context: number;
   libtorch: string;
@@ -145,7 +148,8 @@ export async function loadModel(dirOrOptions?: string | LoadOptions, maybeOption
   const binding = getBinding();
   let native: NativeModel;
   try {
-    native = await binding.load(bundleDir, { device: loadOptions.device, dtype: loadOptions.dtype, threads: loadOptions.threads });
+    const { device, dtype, threads, cudaGraphs } = loadOptions;
+    native = await binding.load(bundleDir, { device, dtype, threads, cudaGraphs });
   } catch (err) {
     throw fromNativeError(err);
   }
@@ -434,6 +438,7 @@ export class Blip3oModel {
       device: native.device,
       dtype: native.dtype,
       threads: native.threads,
+      cudaGraphs: native.cudaGraphs,
       image: { width: manifest.image.width, height: manifest.image.height },
       context: manifest.backbone.context,
       libtorch: this.libtorch,

@@ -96,6 +96,8 @@ export interface NativeModel {
   readonly device: Device;
   readonly dtype: Dtype;
   readonly threads: number;
+  /** Whether the DiT and decode loops replay CUDA graphs, in words (changes as shapes are captured). */
+  readonly cudaGraphs: CudaGraphStatus;
   prepareNegative(req: NativeNegativeRequest): NativeJob<void>;
   generate(
     req: NativeGenerateRequest,
@@ -111,6 +113,17 @@ export interface NativeLoadOptions {
   dtype: DtypeRequest;
   /** 0 = the runtime's default. */
   threads: number;
+  cudaGraphs: boolean;
+}
+
+/**
+ * Per loop: 'off (cpu)', 'off (cudaGraphs: false)', 'graph (captured at first use)', 'graph (captured
+ * for 2 rows)' (DiT) / 'graph (captured for 2048 cache positions)' (decode), or 'eager (<why capture
+ * failed>)'.
+ */
+export interface CudaGraphStatus {
+  dit: string;
+  decode: string;
 }
 
 export interface NativeBinding {

@@ -37,6 +37,11 @@ export interface LoadOptions {
   maxBatch?: number;
   /** Most generate calls waiting to run; past it generate rejects with a BusyError. Default 64. */
   maxQueue?: number;
+  /**
+   * CUDA: replay the DiT step and the text decode step as CUDA graphs (captured at the first use of
+   * each shape); false runs every step eagerly. No effect on CPU. Default true.
+   */
+  cudaGraphs?: boolean;
 }
 
 export interface ProgressEvent {
@@ -86,6 +91,7 @@ export interface ValidatedLoadOptions {
   threads: number;
   maxBatch: number;
   maxQueue: number;
+  cudaGraphs: boolean;
 }
 
 export interface ValidatedGenerateOptions {
@@ -172,13 +178,14 @@ const isScale = (value: unknown): value is number => isFiniteNumber(value) && va
 const isPositiveInteger = (value: unknown): value is number => isInteger(value) && value >= 1;
 const isNonNegativeInteger = (value: unknown): value is number => isInteger(value) && value >= 0;
 const isProbability = (value: unknown): value is number => isFiniteNumber(value) && value > 0 && value <= 1;
+const isBoolean = (value: unknown): value is boolean => typeof value === 'boolean';
 const isSignal = (value: unknown): value is AbortSignal => value instanceof AbortSignal;
 const isFunction = (value: unknown): value is (event: ProgressEvent) => void => typeof value === 'function';
 
 const seedText = `integer between 0 and ${maxSeed}`;
 const stepsText = `integer between 1 and ${maxSteps}`;
 
-const loadOptionNames = ['device', 'dtype', 'threads', 'maxBatch', 'maxQueue'] as const;
+const loadOptionNames = ['device', 'dtype', 'threads', 'maxBatch', 'maxQueue', 'cudaGraphs'] as const;
 const generateOptionNames = ['seed', 'steps', 'cfg', 'decoderSteps', 'decoderCfg', 'format', 'signal', 'onProgress'] as const;
 const describeOptionNames = ['maxTokens', 'temperature', 'topK', 'topP', 'seed', 'limitInputPixels', 'signal'] as const;
 
@@ -190,6 +197,7 @@ export function validateLoadOptions(options: unknown): ValidatedLoadOptions {
     threads: atMost('threads', optional(record, 'threads', isNonNegativeInteger, 'non-negative integer'), maxThreads) ?? 0,
     maxBatch: optional(record, 'maxBatch', isPositiveInteger, 'positive integer') ?? defaultMaxBatch,
     maxQueue: optional(record, 'maxQueue', isPositiveInteger, 'positive integer') ?? defaultMaxQueue,
+    cudaGraphs: optional(record, 'cudaGraphs', isBoolean, 'boolean') ?? true,
   };
 }
 

@@ -63,6 +63,7 @@ Napi::Value loadJs(const Napi::CallbackInfo& info) {
       options.device = oneOf(opts, "device", {"auto", "cpu", "cuda"}, "auto");
       options.dtype = oneOf(opts, "dtype", {"auto", "float32", "bfloat16", "float16"}, "auto");
       if (!opts.get("threads").IsUndefined()) threads = int(opts.integer("threads", 0, 4096));
+      if (!opts.get("cudaGraphs").IsUndefined()) options.cudaGraphs = opts.boolean("cudaGraphs");
     }
 
     auto* data = env.GetInstanceData<AddonData>();
@@ -85,6 +86,7 @@ Napi::Value loadJs(const Napi::CallbackInfo& info) {
           h->bundleDir = h->model->manifest().bundleDir;
           h->device = h->model->device();
           h->dtype = h->model->dtype();
+          h->graphStatus = h->model->graphStatus();
         },
         [channel](const Error* error) {
           if (error) return channel.fail(*error);

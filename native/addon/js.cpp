@@ -30,6 +30,12 @@ std::string Args::string(const char* key) const {
   return v.As<Napi::String>().Utf8Value();
 }
 
+bool Args::boolean(const char* key) const {
+  Napi::Value v = get(key);
+  if (!v.IsBoolean()) fail(key, "must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+
 double Args::number(const char* key) const {
   Napi::Value v = get(key);
   double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : NAN;

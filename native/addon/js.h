@@ -42,6 +42,7 @@ class Args {
   Napi::Value get(const char* key) const { return obj_.Get(key); }
   std::string string(const char* key) const;
   double number(const char* key) const;                                       // finite
+  bool boolean(const char* key) const;
   int64_t integer(const char* key, int64_t min, int64_t max) const;           // safe integer in range
   uint64_t seed(const char* key) const;                                       // integer in [0, 2^53)
   std::vector<double> numbers(const char* key) const;                         // finite numbers

@@ -24,6 +24,7 @@ Napi::Function NativeModel::define(Napi::Env env) {
                       InstanceAccessor<&NativeModel::device>("device", napi_enumerable),
                       InstanceAccessor<&NativeModel::dtype>("dtype", napi_enumerable),
                       InstanceAccessor<&NativeModel::threads>("threads", napi_enumerable),
+                      InstanceAccessor<&NativeModel::cudaGraphs>("cudaGraphs", napi_enumerable),
                       InstanceMethod<&NativeModel::prepareNegative>("prepareNegative"),
                       InstanceMethod<&NativeModel::generate>("generate"),
                       InstanceMethod<&NativeModel::describe>("describe"),
@@ -57,6 +58,14 @@ Napi::Value NativeModel::device(const Napi::CallbackInfo& info) {
 }
 Napi::Value NativeModel::dtype(const Napi::CallbackInfo& info) {
   return handle_ ? Napi::String::New(info.Env(), handle_->dtype) : info.Env().Undefined();
+}
+Napi::Value NativeModel::cudaGraphs(const Napi::CallbackInfo& info) {
+  if (!handle_ || !handle_->graphStatus) return info.Env().Undefined();
+  GraphStatus::Text text = handle_->graphStatus->get();
+  Napi::Object out = Napi::Object::New(info.Env());
+  out.Set("dit", text.dit);
+  out.Set("decode", text.decode);
+  return out;
 }
 Napi::Value NativeModel::threads(const Napi::CallbackInfo& info) {
   return handle_ ? Napi::Number::New(info.Env(), handle_->executor->threads()) : info.Env().Undefined();

@@ -22,6 +22,7 @@ struct ModelHandle {
   std::unique_ptr<Executor> executor;
   std::unique_ptr<Model> model;  // written by the load job, freed on the worker by shutdown
   std::string manifest, bundleDir, device, dtype;  // copied at load, readable after dispose
+  std::shared_ptr<const GraphStatus> graphStatus;  // likewise (updated while the model runs)
   bool disposed = false;         // JS thread only
 };
 
@@ -40,6 +41,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value device(const Napi::CallbackInfo& info);
   Napi::Value dtype(const Napi::CallbackInfo& info);
   Napi::Value threads(const Napi::CallbackInfo& info);
+  Napi::Value cudaGraphs(const Napi::CallbackInfo& info);
   Napi::Value prepareNegative(const Napi::CallbackInfo& info);
   Napi::Value generate(const Napi::CallbackInfo& info);
   Napi::Value describe(const Napi::CallbackInfo& info);

@@ -12,8 +12,10 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
+#include <map>
 #include <numeric>
 
+#include "cuda_graph.h"
 #include "errors.h"
 #include "pool.h"
 
@@ -39,6 +41,10 @@ torch::ScalarType scalarType(const std::string& name) {
   if (name == "float16") return torch::kHalf;
   return torch::kFloat32;
 }
+
+// Eager calls before a capture: lazy initialisation (library handles, workspaces, kernel choices)
+// must not happen inside it.
+constexpr int kWarmupCalls = 3;
 
 const char* const kBackboneMethods[] = {"condition", "embed", "encode_image", "new_cache", "prefill", "decode"};
 
@@ -117,6 +123,15 @@ struct Model::Impl {
   torch::jit::Module backbone, dit, decoder, vae;
   bool ditPrepares = false;  // dit.pt has prepare() + step(): the condition's share is computed once per loop
   torch::Tensor negative;  // [1, clip tokens, clip width] float32; set by prepareNegative
+  // CUDA graphs (LoadOptions::cudaGraphs on CUDA), captured at the first use of each shape: the DiT
+  // step by its rows, the decode step by its KV-cache length. A loop whose capture failed stays eager.
+  struct DitGraph { torch::Tensor in, t; torch::IValue condition; std::unique_ptr<CudaGraph> graph; };
+  struct DecodeGraph { torch::Tensor cache, input, position; std::unique_ptr<CudaGraph> graph; };
+  bool graphs = false;
+  bool ditEager = false, decodeEager = false;
+  std::map<int64_t, DitGraph> ditGraphs;
+  std::map<int64_t, DecodeGraph> decodeGraphs;
+  std::shared_ptr<GraphStatus> graphStatus = std::make_shared<GraphStatus>();
   // CPU only: the workers that run the per-sample calls (see groups()). Declared after the modules,
   // so it is destroyed (its threads joined) before them.
   std::unique_ptr<WorkerPool> pool;
@@ -181,18 +196,21 @@ struct Model::Impl {
     const int64_t steps = int64_t(s.timesteps.size());
     const bool guided = s.cfg > 1;
     const int64_t width = guided ? 2 : 1;
-    struct Group { torch::Tensor x, in, cond, t; torch::IValue prepared; };
+    // condition: what the step reads besides x and t, prepare()'s list or the condition itself
+    struct Group { torch::Tensor x, in, t; torch::IValue condition; };
     std::vector<Group> gs;
     for (auto [first, n] : groups(x.size(0))) {
       torch::Tensor c = cond.narrow(0, first, n);
       gs.push_back({x.narrow(0, first, n), torch::empty({width * n, x.size(1), x.size(2)}, x.options().dtype(dtype)),
-                    (guided ? torch::cat({torch::zeros_like(c), c}) : c).to(dtype),
-                    timestepRows(s.timesteps, width * n), {}});
+                    timestepRows(s.timesteps, width * n), (guided ? torch::cat({torch::zeros_like(c), c}) : c).to(dtype)});
     }
     if (ditPrepares) {
       hooks.check();
-      parallel(gs.size(), [&](int gi) { gs[gi].prepared = dit.run_method("prepare", gs[gi].cond); });
+      parallel(gs.size(), [&](int gi) { gs[gi].condition = dit.run_method("prepare", gs[gi].condition); });
     }
+    // CUDA: one group; with a graph the step reads the graph's buffers, the condition copied in once.
+    DitGraph* graph = graphs ? ditGraph(gs[0].in, gs[0].t[0], gs[0].condition) : nullptr;
+    if (graph) gs[0].in = graph->in;
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
       auto t0 = Clock::now();
@@ -202,7 +220,9 @@ struct Model::Impl {
         const int64_t n = g.x.size(0);
         for (int64_t h = 0; h < width; ++h) g.in.narrow(0, h * n, n).copy_(g.x);
         torch::Tensor out = spans.time(gi, [&] {
-          return ditPrepares ? dit.run_method("step", g.in, g.t[i], g.prepared).toTensor() : call(dit, {g.in, g.t[i], g.cond});
+          if (!graph) return ditStep(g.in, g.t[i], g.condition);
+          graph->t.copy_(g.t[i]);
+          return graph->graph->replay();
         });
         expectShape("dit.pt", out, g.in.sizes());
         out = out.to(torch::kFloat32);
@@ -218,6 +238,90 @@ struct Model::Impl {
       clock.stepMs.push_back(msSince(t0));
     }
     return x;
+  }
+
+  torch::Tensor ditStep(const torch::Tensor& in, const torch::Tensor& t, const torch::IValue& condition) {
+    return ditPrepares ? dit.run_method("step", in, t, condition).toTensor() : call(dit, {in, t, condition});
+  }
+
+  // A condition's tensors: prepare()'s list, or the one tensor.
+  static std::vector<torch::Tensor> tensorsOf(const torch::IValue& v) {
+    return v.isTensor() ? std::vector<torch::Tensor>{v.toTensor()} : v.toTensorVector();
+  }
+
+  // The DiT step's graph for in's rows, with this loop's condition copied into it; captured on copies
+  // of the loop's buffers at the first use of these rows. nullptr: the DiT runs eagerly.
+  DitGraph* ditGraph(const torch::Tensor& in, const torch::Tensor& t, const torch::IValue& condition) {
+    if (ditEager) return nullptr;
+    auto found = ditGraphs.find(in.size(0));
+    if (found != ditGraphs.end()) {
+      auto into = tensorsOf(found->second.condition), from = tensorsOf(condition);
+      for (size_t k = 0; k < into.size(); ++k) into[k].copy_(from[k]);
+      return &found->second;
+    }
+    DitGraph g;
+    g.in = in.clone();
+    g.t = t.clone();
+    if (condition.isTensor()) {
+      g.condition = condition.toTensor().clone();
+    } else {
+      c10::List<torch::Tensor> copies;
+      for (const torch::Tensor& c : tensorsOf(condition)) copies.push_back(c.clone());
+      g.condition = copies;
+    }
+    try {
+      g.graph = CudaGraph::capture([&] { return ditStep(g.in, g.t, g.condition); }, kWarmupCalls);
+    } catch (const Error& e) {
+      ditEager = true;
+      graphStatus->set(&GraphStatus::Text::dit, std::string("eager (") + e.what() + ")");
+      return nullptr;
+    }
+    DitGraph& kept = ditGraphs[in.size(0)] = std::move(g);
+    graphStatus->set(&GraphStatus::Text::dit, "graph (" + shapesText(ditGraphs, "rows") + ")");
+    return &kept;
+  }
+
+  // The KV cache's length for `needed` positions. CUDA: rounded up to a power of two (at least 256, at
+  // most the context), so that a few decode graphs serve every request, and the eager path uses the
+  // same lengths (the same attention shapes, the same numbers). CPU: exact.
+  int64_t cacheLength(int64_t needed) const {
+    if (!device.is_cuda()) return needed;
+    int64_t length = 256;
+    while (length < needed) length *= 2;
+    return std::max(needed, std::min(length, manifest.backbone.context));
+  }
+
+  // The decode step's graph and its static cache of this length; captured at first use, before the
+  // prefill (warm-up and capture write position 0, which the prefill then overwrites). Cache entries
+  // past a request's position are left from earlier requests: the decode mask hides them.
+  // nullptr: decoding runs eagerly.
+  DecodeGraph* decodeGraph(int64_t length) {
+    if (decodeEager) return nullptr;
+    auto found = decodeGraphs.find(length);
+    if (found != decodeGraphs.end()) return &found->second;
+    DecodeGraph g;
+    g.cache = backbone.run_method("new_cache", 1, length).toTensor();
+    g.input = torch::zeros({1, 1}, torch::TensorOptions().dtype(torch::kLong).device(device));
+    g.position = torch::zeros({1}, g.input.options());
+    try {
+      g.graph = CudaGraph::capture([&] { return backbone.run_method("decode", g.input, g.position, g.cache).toTensor(); },
+                                   kWarmupCalls);
+    } catch (const Error& e) {
+      decodeEager = true;
+      graphStatus->set(&GraphStatus::Text::decode, std::string("eager (") + e.what() + ")");
+      return nullptr;
+    }
+    DecodeGraph& kept = decodeGraphs[length] = std::move(g);
+    graphStatus->set(&GraphStatus::Text::decode, "graph (" + shapesText(decodeGraphs, "cache positions") + ")");
+    return &kept;
+  }
+
+  // "captured for 2 rows, 4 rows": the shapes captured so far.
+  template <class Map>
+  static std::string shapesText(const Map& graphs, const char* unit) {
+    std::string out;
+    for (auto& [size, graph] : graphs) out += (out.empty() ? "" : ", ") + std::to_string(size) + " " + unit;
+    return "captured for " + out;
   }
 
   // Euler discrete (k-diffusion form) over z [B,c,h,w] (float32, updated in place); CFG pairs
@@ -303,6 +407,7 @@ Model::~Model() = default;
 const Manifest& Model::manifest() const { return impl_->manifest; }
 const std::string& Model::device() const { return impl_->deviceName; }
 const std::string& Model::dtype() const { return impl_->dtypeName; }
+std::shared_ptr<const GraphStatus> Model::graphStatus() const { return impl_->graphStatus; }
 
 std::unique_ptr<Model> Model::load(const std::string& bundleDir, const LoadOptions& options,
                                    const std::function<void()>& check) {
@@ -358,6 +463,12 @@ std::unique_ptr<Model> Model::load(const std::string& bundleDir, const LoadOptio
   impl->decoder = loadModule("decoder", {"forward"});
   impl->vae = loadModule("vae", {"forward"});
   if (!impl->device.is_cuda()) impl->pool = std::make_unique<WorkerPool>(options.threads);
+  impl->graphs = impl->device.is_cuda() && options.cudaGraphs;
+  const char* graphs = !impl->device.is_cuda() ? "off (cpu)"
+                       : options.cudaGraphs    ? "graph (captured at first use)"
+                                               : "off (cudaGraphs: false)";
+  impl->graphStatus->set(&GraphStatus::Text::dit, graphs);
+  impl->graphStatus->set(&GraphStatus::Text::decode, graphs);
   return std::unique_ptr<Model>(new Model(std::move(impl)));
 }
 
@@ -466,7 +577,9 @@ DescribeResult Model::describe(const DescribeRequest& req, const JobHooks& hooks
     embeds[0].index_put_({slots}, image.to(embeds.dtype()));
   }
   hooks.check();  // between the image encoder and the prefill
-  torch::Tensor cache = m.backbone.run_method("new_cache", 1, L + req.maxTokens).toTensor();
+  const int64_t cacheLength = m.cacheLength(L + req.maxTokens);
+  Impl::DecodeGraph* graph = m.graphs ? m.decodeGraph(cacheLength) : nullptr;
+  torch::Tensor cache = graph ? graph->cache : m.backbone.run_method("new_cache", 1, cacheLength).toTensor();
   torch::Tensor logits = m.backbone.run_method("prefill", embeds, cache).toTensor();
   m.sync();
   result.prefillMs = msSince(t0);
@@ -483,10 +596,16 @@ DescribeResult Model::describe(const DescribeRequest& req, const JobHooks& hooks
     result.tokens.push_back(token);
     if (hooks.token) hooks.token(token);
     if (int64_t(result.tokens.size()) >= req.maxTokens) break;
-    torch::Tensor input = torch::full({1, 1}, token, torch::TensorOptions().dtype(torch::kLong).device(m.device));
-    torch::Tensor position = torch::full({1}, L + int64_t(result.tokens.size()) - 1,
-                                         torch::TensorOptions().dtype(torch::kLong).device(m.device));
-    logits = m.backbone.run_method("decode", input, position, cache).toTensor();
+    const int64_t position = L + int64_t(result.tokens.size()) - 1;
+    if (graph) {
+      graph->input.fill_(token);
+      graph->position.fill_(position);
+      logits = graph->graph->replay();
+    } else {
+      auto longs = torch::TensorOptions().dtype(torch::kLong).device(m.device);
+      logits = m.backbone.run_method("decode", torch::full({1, 1}, token, longs), torch::full({1}, position, longs), cache)
+                   .toTensor();
+    }
   }
   result.decodeMs = msSince(t1);
   return result;

@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "manifest.h"
@@ -16,6 +17,26 @@ struct LoadOptions {
   std::string device = "auto";  // auto | cpu | cuda
   std::string dtype = "auto";   // auto | float32 | bfloat16 | float16
   int threads = 1;              // CPU: how many samples of a batch run at once (one core each)
+  bool cudaGraphs = true;       // CUDA: replay the DiT step and the decode step as CUDA graphs
+};
+
+// Whether the DiT loop and the decode loop replay CUDA graphs, in words (`info`). Written on the
+// model's executor thread, readable from any thread, and after the model is freed.
+class GraphStatus {
+ public:
+  struct Text { std::string dit, decode; };
+  Text get() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return text_;
+  }
+  void set(std::string Text::*which, std::string value) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    text_.*which = std::move(value);
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  Text text_;
 };
 
 struct RuntimeInfo {
@@ -38,6 +59,7 @@ class Model {
   const Manifest& manifest() const;
   const std::string& device() const;  // cpu | cuda
   const std::string& dtype() const;   // float32 | bfloat16 | float16
+  std::shared_ptr<const GraphStatus> graphStatus() const;
 
   void prepareNegative(const NegativeRequest& req, const JobHooks& hooks);
   GenerateResult generate(const GenerateRequest& req, const JobHooks& hooks);

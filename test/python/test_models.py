@@ -90,6 +90,21 @@ def test_backbone_scripted_matches_eager(tiny):
         close(cs, ce)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_is_attention_over_repeated_heads(dtype):
+    """Decoding's grouped attention (what torch 2.x exports use) == attention with k/v repeated per head,
+    the masked tail of the static cache left out; scripted too."""
+    from models.layers import attention, one_query_attention, repeat_kv
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(shape, generator=g).to(dtype) for shape in ((2, 12, 1, 16), (2, 3, 40, 16), (2, 3, 40, 16)))
+    mask = (torch.arange(40) <= 25).view(1, 1, 1, -1)
+    want = attention(q.float(), repeat_kv(k.float(), 4), repeat_kv(v.float(), 4), mask)
+    for fn in (one_query_attention, torch.jit.script(one_query_attention)):
+        got = fn(q, k, v, mask, 4)
+        assert got.dtype == dtype and got.shape == q.shape
+        close(got.float(), want, 1e-5 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("kind", ["eager", "scripted"])
 def test_cache_matches_full_sequence(tiny, kind):
     """prefill + decode with the static cache == the logits of one causal pass over the whole sequence."""
