@@ -4,7 +4,7 @@
     bash models/run-python.sh -m models.recipe decoder generation          # some stages, in this order
 
 `all` runs features, then two lanes side by side, in two processes of one thread each: understanding, ground
-and the generation stages (generation, generation2, generation3, generation4, instruct), which read only the
+and the generation stages (generation, generation2, generation3, generation4, instruct, layout), which read only the
 LM; and decoder, refine, vision and vision2 (the vision tower alone, the LM frozen); then the bundle.
 
 Stages (each writes models/recipe/checkpoints/<stage>.pt and starts from the committed checkpoints of the
@@ -22,6 +22,7 @@ ones before it):
     generation3    and continued once more
     generation4    and once more at a lower rate
     instruct       the same on a fixed curated set of hard scenes (pairs, counts)
+    layout         the same on all kinds at high noise levels, where the layout is decided
     bundle         the trained components, exported as a bundle to --out
 """
 import argparse
@@ -40,14 +41,15 @@ TRAINERS = {"features": ("features", "train"), "understanding": ("understanding"
             "decoder": ("decoder", "train"), "refine": ("decoder", "refine"),
             "generation": ("generation", "train"),
             "generation2": ("generation", "more"), "generation3": ("generation", "more3"),
-            "generation4": ("generation", "anneal"), "instruct": ("generation", "instruct")}
+            "generation4": ("generation", "anneal"), "instruct": ("generation", "instruct"),
+            "layout": ("generation", "layout")}
 STAGES = tuple(TRAINERS) + ("bundle",)
 # Stages that `all` runs side by side after features. Neither lane's weights depend on the other's: the
 # generation stages read the LM, which `vision` leaves bit for bit as `ground` wrote it, and only their
 # judge checks draw with whichever decoder checkpoint exists at the time. On this 2-core machine one thread
 # per process is the faster setting anyway (a DiT training step: 0.66 s at one thread, 1.0-1.2 s at two), so
 # two lanes take about the time of the longer one.
-LANES = (("understanding", "ground", "generation", "generation2", "generation3", "generation4", "instruct"),
+LANES = (("understanding", "ground", "generation", "generation2", "generation3", "generation4", "instruct", "layout"),
          ("decoder", "refine", "vision", "vision2"))
 
 

@@ -3,7 +3,7 @@ single-object scenes at a corner, conditioned on the true caption, on the captio
 swapped, and with top and bottom swapped, at a few noise levels (same noise for all three). A word the DiT
 reads raises the loss when swapped; one it ignores does not.
 
-    bash models/run-python.sh -m models.recipe.swaps [stage]      # default: instruct
+    bash models/run-python.sh -m models.recipe.swaps [stage]      # default: the bundled DiT's stage
 """
 import sys
 
@@ -14,7 +14,7 @@ from .. import shapes
 from ..presets import get_preset
 from . import data
 from .features import load_encoder
-from .generation import condition, load_dit, velocity_loss
+from .generation import bundled_stage, condition, load_dit, velocity_loss
 from .understanding import load_backbone
 
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
@@ -53,7 +53,7 @@ def losses(stage: str, n: int = 64, sigmas=(0.3, 0.5, 0.7, 0.9), seed: int = 3) 
 
 def main() -> None:
     torch.set_num_threads(1)
-    r = losses(sys.argv[1] if len(sys.argv) > 1 else "instruct")
+    r = losses(sys.argv[1] if len(sys.argv) > 1 else bundled_stage())
     print("caption          " + " ".join(f"sigma {s:.1f}" for s in r["sigmas"]))
     for k in ("true", "left <-> right", "top <-> bottom"):
         print(f"{k:16s} " + " ".join(f"{x:9.4f}" for x in r[k]))
