@@ -200,7 +200,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchReport>
   const reps = quick ? 1 : 3;
   const withPython = options.python !== false;
   const withThroughput = options.throughput !== false;
-  const loadOptions = validateLoadOptions({ device: options.device, dtype: options.dtype, threads: options.threads ?? 0, cudaGraphs: options.cudaGraphs ?? true });
+  const loadOptions = validateLoadOptions({ device: options.device, dtype: options.dtype, threads: options.threads ?? 0, cudaGraphs: options.cudaGraphs });
   validateGenerateOptions({ steps: options.steps, decoderSteps: options.decoderSteps });
   const dir = path.resolve(options.model ?? bundledModelDir);
 

@@ -269,16 +269,8 @@ struct Model::Impl {
       for (const torch::Tensor& c : tensorsOf(condition)) copies.push_back(c.clone());
       g.condition = copies;
     }
-    try {
-      g.graph = CudaGraph::capture([&] { return ditStep(g.in, g.t, g.condition); }, kWarmupCalls);
-    } catch (const Error& e) {
-      ditEager = true;
-      graphStatus->set(&GraphStatus::Text::dit, std::string("eager (") + e.what() + ")");
-      return nullptr;
-    }
-    DitGraph& kept = ditGraphs[in.size(0)] = std::move(g);
-    graphStatus->set(&GraphStatus::Text::dit, "graph (" + shapesText(ditGraphs, "rows") + ")");
-    return &kept;
+    return keep(ditGraphs, in.size(0), g, [&] { return ditStep(g.in, g.t, g.condition); }, ditEager,
+                &GraphStatus::Text::dit, "rows");
   }
 
   // The KV cache's length for `needed` positions. CUDA: rounded up to a power of two (at least 256, at
@@ -303,25 +295,28 @@ struct Model::Impl {
     g.cache = backbone.run_method("new_cache", 1, length).toTensor();
     g.input = torch::zeros({1, 1}, torch::TensorOptions().dtype(torch::kLong).device(device));
     g.position = torch::zeros({1}, g.input.options());
-    try {
-      g.graph = CudaGraph::capture([&] { return backbone.run_method("decode", g.input, g.position, g.cache).toTensor(); },
-                                   kWarmupCalls);
-    } catch (const Error& e) {
-      decodeEager = true;
-      graphStatus->set(&GraphStatus::Text::decode, std::string("eager (") + e.what() + ")");
-      return nullptr;
-    }
-    DecodeGraph& kept = decodeGraphs[length] = std::move(g);
-    graphStatus->set(&GraphStatus::Text::decode, "graph (" + shapesText(decodeGraphs, "cache positions") + ")");
-    return &kept;
+    return keep(decodeGraphs, length, g, [&] { return backbone.run_method("decode", g.input, g.position, g.cache).toTensor(); },
+                decodeEager, &GraphStatus::Text::decode, "cache positions");
   }
 
-  // "captured for 2 rows, 4 rows": the shapes captured so far.
-  template <class Map>
-  static std::string shapesText(const Map& graphs, const char* unit) {
-    std::string out;
-    for (auto& [size, graph] : graphs) out += (out.empty() ? "" : ", ") + std::to_string(size) + " " + unit;
-    return "captured for " + out;
+  // Captures `call`, which reads g's buffers, as g's graph and keeps g under `key`; the loop's status
+  // then lists the shapes captured so far ("captured for 2 rows, 8 rows"). If capture fails, the loop
+  // stays eager from then on, its status says why, and this returns nullptr.
+  template <class G>
+  G* keep(std::map<int64_t, G>& graphs, int64_t key, G& g, const std::function<torch::Tensor()>& call, bool& eager,
+          std::string GraphStatus::Text::*status, const char* unit) {
+    try {
+      g.graph = CudaGraph::capture(call, kWarmupCalls);
+    } catch (const Error& e) {
+      eager = true;
+      graphStatus->set(status, std::string("eager (") + e.what() + ")");
+      return nullptr;
+    }
+    G& kept = graphs[key] = std::move(g);
+    std::string shapes;
+    for (auto& [size, graph] : graphs) shapes += (shapes.empty() ? "" : ", ") + std::to_string(size) + " " + unit;
+    graphStatus->set(status, "graph (captured for " + shapes + ")");
+    return &kept;
   }
 
   // Euler discrete (k-diffusion form) over z [B,c,h,w] (float32, updated in place); CFG pairs
