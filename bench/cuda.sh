@@ -98,9 +98,20 @@ step "summary"
 [ -z "$FLOORS" ] || wait "$FLOORS"
 node bench/cuda-summary.js "$OUT" "$OUT"
 
-# For the next steps, into the log only, while time is left: the decoder under channels-last and
-# cuDNN's autotuner; the graph path with TorchScript's fusing executor (BLIP3O_JIT_OPTIMIZE=1).
+# Then, into the log only, while time is left: kernels and graph time of a DiT step and a decode step
+# with this checkout's layer definitions and, when .device/models-base.tar holds an older models/*.py
+# (git archive, see the README), with that one's (bench/layer_ab.py); the decoder under channels-last
+# and cuDNN's autotuner; the graph path with TorchScript's fusing executor (BLIP3O_JIT_OPTIMIZE=1).
 left() { echo $(( T0 + ${BUDGET:-540} - $(date +%s) )); }
+if [ "$DEVICE" = cuda ] && [ "$(left)" -gt 60 ]; then
+  step "layer definitions A/B (information)"
+  timeout "$(( $(left) - 5 ))" "$PY" -m bench.layer_ab > /tmp/layer-ab.json || echo "layer A/B failed: $?"
+  if [ -f .device/models-base.tar ] && [ "$(left)" -gt 45 ]; then
+    rm -rf /tmp/base && mkdir -p /tmp/base && tar -xf .device/models-base.tar -C /tmp/base && cp -r bench /tmp/base/
+    (cd /tmp/base && timeout "$(( $(left) - 5 ))" "$PY" -m bench.layer_ab) > /tmp/layer-ab-base.json || echo "base A/B failed: $?"
+  fi
+  for f in /tmp/layer-ab*.json; do echo "$f: $(cat "$f")"; done
+fi
 if [ "$DEVICE" = cuda ] && [ "$(left)" -gt 40 ]; then
   step "decoder memory formats (information)"
   timeout "$(( $(left) - 5 ))" "$PY" -m bench.decoder_formats /tmp/blip3o-image

@@ -139,6 +139,7 @@ class VisionTower(nn.Module):
         rows = (group_row * m + torch.arange(m, device=x.device).view(1, 1, -1, 1)).expand_as(idx).reshape(-1)
         cols = (group_col * m + torch.arange(m, device=x.device).view(1, 1, 1, -1)).expand_as(idx).reshape(-1)
         cos, sin = rope_2d(rows, cols, self.head_dim, self.rope_theta)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         window_mask: Optional[Tensor] = None
         if self.window > 0:  # windows of window x window merged tokens, counted from the top left
             w = self.window * m
@@ -169,6 +170,7 @@ class Backbone(nn.Module):
         # Qwen2.5-VL uses M-RoPE (separate temporal/row/col position ids for image tokens); this runtime
         # gives every token, image or text, a plain 1-D position, which is what M-RoPE reduces to for text.
         cos, sin = rope_1d(positions, self.head_dim, self.rope_theta)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once here, not in each layer's apply_rope
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i], position)
         return self.norm(x)

@@ -106,13 +106,15 @@ class DiT(nn.Module):
     @torch.jit.export
     def prepare(self, condition: Tensor) -> List[Tensor]:
         """What depends on the condition [N, Q, H] alone, the same at every step of a sampling loop: the
-        pooled caption's adaLN term, each block's cross-attention keys and values, the 2D RoPE tables.
+        pooled caption's adaLN term, each block's cross-attention keys and values, the 2D RoPE tables (in
+        the model's dtype).
         A runtime calls it once per request and step() per step; forward() is both."""
-        caption = self.caption_projection(condition.to(self.x_embedder.weight.dtype))
+        dtype = self.x_embedder.weight.dtype
+        caption = self.caption_projection(condition.to(dtype))
         T = self.grid * self.grid
         pos = torch.arange(T, device=condition.device)
         cos, sin = rope_2d(pos // self.grid, pos % self.grid, self.head_dim, self.rope_theta)
-        out = [self.caption_embedder(caption.mean(1)), cos, sin]
+        out = [self.caption_embedder(caption.mean(1)), cos.to(dtype), sin.to(dtype)]
         for layer in self.layers:
             k, v = layer.caption_keys_values(caption)
             out += [k, v]

@@ -1,0 +1,101 @@
+"""Kernels and time of one DiT step and one text decode step with the models/ on sys.path, at real
+dimensions in bfloat16 on CUDA, random weights: kernels per step (profiler, one eager call) and the median
+time of a CUDA-graph replay of it, scripted and run as the runtime runs it (graph executor optimisation
+off). bench/cuda.sh runs it on this checkout's models/ and on an older one's, for an A/B of the layer
+definitions in one call. With --compile, the same steps compiled by torch.compile (inductor, which fuses
+the elementwise work into generated kernels) instead of scripted: what a fusing compiler would gain,
+compile time included. Prints one JSON object per step as it is measured.
+
+    python -m bench.layer_ab [--preset 4b] [--decode-preset 8b] [--cache 2048] [--compile]
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from models import layers
+from models.backbone import Backbone
+from models.dit import DiT
+from models.presets import get_preset
+
+
+def kernels(fn) -> int:
+    """CUDA kernels one call launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def replay_ms(fn, replays: int = 200) -> float:
+    """Median milliseconds of one replay of fn captured as a CUDA graph (after 3 warm-up calls)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def build(cls, *cfg, compiled: bool = False):
+    with torch.device("cuda"):
+        module = cls(*cfg).to(torch.bfloat16).eval()
+    return module if compiled else torch.jit.script(module)
+
+
+def measure(name: str, fn, compiled: bool, out: dict) -> None:
+    t0 = time.time()
+    if compiled:
+        fn = torch.compile(fn)
+        fn()
+    row = {"step": name, "compiled": compiled, "compileSeconds": round(time.time() - t0, 1) if compiled else None,
+           "kernels": kernels(fn), "graphMs": replay_ms(fn)}
+    print(json.dumps({**out, **row}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.layer_ab", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="4b")
+    ap.add_argument("--decode-preset", default="8b")
+    ap.add_argument("--cache", type=int, default=2048)
+    ap.add_argument("--compile", action="store_true")
+    a = ap.parse_args()
+    torch._C._set_graph_executor_optimize(False)
+    # (an older models/ has no rms_norm choice: its norm is the plain one)
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "rmsNorm": getattr(getattr(layers, "rms_norm", None), "__name__", "plain_rms_norm")}
+
+    p = get_preset(a.preset)
+    dit = build(DiT, p.dit, compiled=a.compile)
+    with torch.inference_mode():
+        x = torch.randn(2, p.dit.tokens, p.dit.channels, device="cuda")
+        t = torch.full((2,), 500.0, device="cuda")
+        prepared = dit.prepare(torch.randn(2, p.backbone.query_tokens, p.backbone.hidden, device="cuda"))
+        measure("dit", lambda: dit.step(x, t, prepared), a.compile, out)
+    del dit, prepared
+
+    q = get_preset(a.decode_preset)
+    lm = build(Backbone, q.backbone, q.vision, compiled=a.compile)
+    with torch.inference_mode():
+        cache = lm.new_cache(1, a.cache)
+        ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        position = torch.tensor([a.cache // 2], device="cuda")
+        measure("decode", lambda: lm.decode(ids, position, cache), a.compile, out)
+
+
+if __name__ == "__main__":
+    main()
