@@ -4,7 +4,7 @@ caption's image. Stage 5, instruction tuning, runs the same loop on a fixed, cur
 (pairs and counts), the way BLIP3-o tunes on BLIP3o-60k after pretraining. Stage 6, layout, trains on at
 the high noise levels where a sample's layout is decided."""
 import copy
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -99,12 +99,11 @@ def follow_up_queries(backbone, tok) -> torch.Tensor:
 def train(stage: str = "generation", steps: int = 5000, batch_size: int = 32, lr: float = 1e-3, seed: int = 4,
           start: Optional[str] = None, pool_size: int = 0, kinds: Optional[List[str]] = None,
           check_every: int = 1000, query_lr: float = 1e-4, query_start: int = 4500, ema_decay: float = 0.999,
-          sigma_means: Sequence[float] = (0.0,)) -> None:
+          sigma_mean: float = 0.0) -> None:
     """Queries train from step `query_start` at `query_lr`; before that the DiT learns to read their
     initial states, which are computed without gradients (the LM's backward is most of a step's cost).
     The DiT that samples (checks, bundle) and that the checkpoint keeps is the exponential moving average
-    of the trained one. Noise levels are logit-normal around a mean (0: SD3's default); with several
-    `sigma_means`, the rows of a batch are split evenly between them."""
+    of the trained one. Noise levels are logit-normal around `sigma_mean` (0: SD3's default)."""
     log = common.Log(stage)
     common.seed_everything(seed)
     rng = np.random.default_rng(seed)
@@ -129,7 +128,6 @@ def train(stage: str = "generation", steps: int = 5000, batch_size: int = 32, lr
                              {"params": list(dit.parameters()), "scale": 1.0}], lr=lr, weight_decay=0.01)
     pool = Pool(rng, pool_size, kinds)
     frozen = Conditions(backbone, tok)
-    means = torch.tensor(sigma_means, dtype=torch.float32)[torch.arange(batch_size) % len(sigma_means)].view(-1, 1, 1)
     for step in range(steps):
         common.set_lr(opt, common.lr_at(step, steps, lr, warmup=100 if start else 200))
         train_queries = step >= query_start
@@ -142,7 +140,7 @@ def train(stage: str = "generation", steps: int = 5000, batch_size: int = 32, lr
         else:
             cond = frozen.get([s.caption for s in ss])
         keep = (torch.rand(batch_size, 1, 1) >= 0.1).float()  # 10% dropped to the all-zeros condition
-        sigma = torch.sigmoid(torch.randn(batch_size, 1, 1) + means)  # logit-normal, as SD3 samples it
+        sigma = torch.sigmoid(torch.randn(batch_size, 1, 1) + sigma_mean)  # logit-normal, as SD3 samples it
         noise = torch.randn_like(x0)
         # dropped conditions are raw zeros, as the runtime's unconditional branch passes them
         loss = velocity_loss(dit, x0, sigma, noise, (cond * keep - mu) / sd)
@@ -186,7 +184,7 @@ GENERATION_STAGES = ("generation4", "generation3", "generation2", "generation")
 
 def bundled_stage() -> str:
     """The stage whose DiT and queries the bundle takes: the last one of the recipe that has run."""
-    return common.latest("balance", "layout", "instruct", *GENERATION_STAGES)
+    return common.latest("layout", "instruct", *GENERATION_STAGES)
 
 
 def more(steps: int = 2500, name: str = "generation2", start: str = "generation", seed: int = 6,
@@ -219,13 +217,4 @@ def layout(steps: int = 3000) -> None:
     swapped, 0.32 with top and bottom swapped). From instruct, 1500 steps at mean 2 took the judge's
     singles from about 0.5 to 0.87; at mean 1 they stayed at 0.50."""
     train("layout", steps=steps, lr=5e-4, seed=12, start="instruct", check_every=1000, query_start=steps,
-          sigma_means=(2.0,))
-
-
-def balance(steps: int = 2000) -> None:
-    """Generation continued from layout with half of each batch at layout's high noise levels (mean 2)
-    and half at SD3's (mean 0), at half layout's rate. Layout had forgotten the low noise levels, where
-    an object's shape is drawn: its loss at sigma 0.1 was about twice instruct's (0.16 against 0.08 on
-    singles, 0.20 against 0.11 on counts), and most count failures were an extra object or a wrong shape."""
-    train("balance", steps=steps, lr=2.5e-4, seed=13, start="layout", check_every=1000, query_start=steps,
-          sigma_means=(2.0, 0.0))
+          sigma_mean=2.0)
