@@ -18,13 +18,13 @@ ones before it):
     decoder        UNet drawing images from features
     refine         the decoder trained further at a lower rate
     refine2        and once more at half that rate
+    refine3        and a fourth time, a little slower again
     generation     the 64 query tokens + DiT, flow matching onto the features of the caption's image
     generation2    the same continued at half the rate
     generation3    and continued once more
     generation4    and once more at a lower rate
     instruct       the same on a fixed curated set of hard scenes (pairs, counts)
     layout         the same on all kinds at high noise levels, where the layout is decided
-    balance        the same with half of each batch back at the default noise levels, where shapes are drawn
     bundle         the trained components, exported as a bundle to --out
 """
 import argparse
@@ -40,19 +40,19 @@ import torch
 # stage -> (module, function), in recipe order; imported when the stage runs (each pulls in torch models)
 TRAINERS = {"features": ("features", "train"), "understanding": ("understanding", "train"), "ground": ("understanding", "ground"),
             "vision": ("understanding", "vision"), "vision2": ("understanding", "vision2"),
-            "decoder": ("decoder", "train"), "refine": ("decoder", "refine"), "refine2": ("decoder", "refine2"),
+            "decoder": ("decoder", "train"), "refine": ("decoder", "refine"), "refine2": ("decoder", "refine2"), "refine3": ("decoder", "refine3"),
             "generation": ("generation", "train"),
             "generation2": ("generation", "more"), "generation3": ("generation", "more3"),
             "generation4": ("generation", "anneal"), "instruct": ("generation", "instruct"),
-            "layout": ("generation", "layout"), "balance": ("generation", "balance")}
+            "layout": ("generation", "layout")}
 STAGES = tuple(TRAINERS) + ("bundle",)
 # Stages that `all` runs side by side after features. Neither lane's weights depend on the other's: the
 # generation stages read the LM, which `vision` leaves bit for bit as `ground` wrote it, and only their
 # judge checks draw with whichever decoder checkpoint exists at the time. On this 2-core machine one thread
 # per process is the faster setting anyway (a DiT training step: 0.66 s at one thread, 1.0-1.2 s at two), so
 # two lanes take about the time of the longer one.
-LANES = (("understanding", "ground", "generation", "generation2", "generation3", "generation4", "instruct", "layout", "balance"),
-         ("decoder", "refine", "refine2", "vision", "vision2"))
+LANES = (("understanding", "ground", "generation", "generation2", "generation3", "generation4", "instruct", "layout"),
+         ("decoder", "refine", "refine2", "refine3", "vision", "vision2"))
 
 
 def run(stage: str, out: Path) -> None:
