@@ -5,7 +5,7 @@
 
 `all` runs features, then two lanes side by side, in two processes of one thread each: understanding, ground
 and the generation stages (generation, generation2, generation3, generation4, instruct, layout), which read only the
-LM; and decoder, refine, vision and vision2 (the vision tower alone, the LM frozen); then the bundle.
+LM; and decoder, refine, refine2, refine3, vision and vision2 (the vision tower alone, the LM frozen); then the bundle.
 
 Stages (each writes models/recipe/checkpoints/<stage>.pt and starts from the committed checkpoints of the
 ones before it):
