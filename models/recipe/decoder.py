@@ -59,14 +59,14 @@ def refine(steps: int = 2500) -> None:
 
 def refine2(steps: int = 2500) -> None:
     """A third pass at half refine's rate: with real features, objects still came out round where they
-    have corners (300 scenes: single 0.91, pair 0.90, count 0.74; most misses a square or triangle judged
-    a circle), and the loss was still falling at refine's end."""
+    have corners (models/recipe/ceiling.py, 300 scenes: single 0.92, pair 0.84, count 0.72; most misses a
+    square or triangle judged a circle), and the loss was still falling at refine's end."""
     train("refine2", steps=steps, seed=9, lr=1.25e-4, start="refine")
 
 
 def refine3(steps: int = 2000) -> None:
     """A fourth pass from refine2, a little slower again: refine2 had raised the judge on real features
-    from 0.91 / 0.90 / 0.74 to 0.94 / 0.94 / 0.88 (300 scenes), counts still failing on shape."""
+    from 0.92 / 0.84 / 0.72 to 0.96 / 0.89 / 0.84 (300 scenes), counts still failing on shape."""
     train("refine3", steps=steps, seed=11, lr=1e-4, start="refine2")
 
 
@@ -83,8 +83,12 @@ def ceiling(enc, unet, p, n: int = 60, seed: int = 777) -> dict:
     return pipeline.accuracy(results)
 
 
+# The decoder stages, latest first.
+DECODER_STAGES = ("refine3", "refine2", "refine", "decoder")
+
+
 def load_unet(p) -> UNet:
     """The most refined decoder checkpoint there is."""
     unet = UNet(p.unet)
-    unet.load_state_dict(common.load(common.latest("refine3", "refine2", "refine", "decoder"))["unet"])
+    unet.load_state_dict(common.load(common.latest(*DECODER_STAGES))["unet"])
     return unet.eval().requires_grad_(False)
