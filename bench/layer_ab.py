@@ -28,23 +28,18 @@ KINDS = (("matmul", ("gemm", "nvjet", "sm90_", "cutlass", "gemv")), ("attention"
          ("conv", ("conv", "implicit", "xmma", "winograd", "cudnn")), ("norm", ("norm",)))
 
 
-def kernels(fn) -> int:
-    """CUDA kernels one call launches."""
+def kernel_events(fn) -> list:
+    """The CUDA activities (kernels, copies) of one call, from the profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def profile(fn, top: int = 8) -> dict:
-    """GPU time of one call by kind of kernel, and its costliest kernels (microseconds)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+def profile(events: list, top: int = 8) -> dict:
+    """GPU time of one call's kernel events by kind of kernel, and its costliest kernels (microseconds)."""
     by_name, by_kind = {}, {}
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+    for e in events:
         us = e.time_range.elapsed_us()
         by_name[e.name] = by_name.get(e.name, 0) + us
         low = e.name.lower()
@@ -88,11 +83,13 @@ def measure(name: str, fn, compiled: bool, profiled: bool, out: dict) -> None:
     if compiled:
         fn = torch.compile(fn)
         fn()
-    row = {"step": name, "compiled": compiled, "compileSeconds": round(time.time() - t0, 1) if compiled else None,
-           "kernels": kernels(fn), "graphMs": replay_ms(fn)}
+    compile_s = round(time.time() - t0, 1) if compiled else None
+    events = kernel_events(fn)
+    row = {"step": name, "compiled": compiled, "compileSeconds": compile_s, "kernels": len(events),
+           "graphMs": replay_ms(fn)}
     if profiled:
         try:
-            row["profile"] = profile(fn)
+            row["profile"] = profile(events)
         except Exception as e:  # (information only: keep the timings)
             row["profile"] = f"failed: {e}"
     print(json.dumps({**out, **row}), flush=True)

@@ -4,10 +4,9 @@ from pathlib import Path
 from ..export import export
 from ..presets import get_preset
 from ..vae import build_vae
-from . import common, pipeline
+from . import pipeline
 from .decoder import load_unet
-from .generation import bundled_stage, load_dit
-from .understanding import load_backbone
+from .generation import bundled_stage, load_generation
 
 NAME = "blip3o-tiny-shapes"
 
@@ -15,8 +14,6 @@ NAME = "blip3o-tiny-shapes"
 def build(out: Path) -> dict:
     """The queries and DiT come from the last generation stage that ran (bundled_stage)."""
     p = get_preset("tiny")
-    backbone = load_backbone(p)
-    dit, queries = load_dit(p, bundled_stage())
-    backbone.queries.data.copy_(queries)
+    backbone, dit = load_generation(p, bundled_stage())
     modules = {"backbone": backbone, "dit": dit, "decoder": load_unet(p), "vae": build_vae(p.vae).eval()}
     return export(p, out, modules=modules, name=NAME, sampler=pipeline.TINY_SAMPLER)

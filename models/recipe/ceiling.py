@@ -8,9 +8,8 @@ import argparse
 import torch
 
 from ..presets import get_preset
-from ..unet import UNet
 from . import common, pipeline
-from .decoder import DECODER_STAGES, ceiling
+from .decoder import DECODER_STAGES, ceiling, load_unet
 from .features import load_encoder
 
 
@@ -22,9 +21,7 @@ def main() -> None:
     torch.set_num_threads(1)
     p, enc = get_preset("tiny"), load_encoder()
     for stage in a.stages:
-        unet = UNet(p.unet)
-        unet.load_state_dict(common.load(stage)["unet"])
-        print(f"{stage:8s} " + pipeline.fmt(ceiling(enc, unet.eval(), p, n=a.n)), flush=True)
+        print(f"{stage:8s} " + pipeline.fmt(ceiling(enc, load_unet(p, stage), p, n=a.n)), flush=True)
 
 
 if __name__ == "__main__":

@@ -87,8 +87,8 @@ def ceiling(enc, unet, p, n: int = 60, seed: int = 777) -> dict:
 DECODER_STAGES = ("refine3", "refine2", "refine", "decoder")
 
 
-def load_unet(p) -> UNet:
-    """The most refined decoder checkpoint there is."""
+def load_unet(p, stage: Optional[str] = None) -> UNet:
+    """A decoder stage's UNet; by default the most refined checkpoint there is."""
     unet = UNet(p.unet)
-    unet.load_state_dict(common.load(common.latest(*DECODER_STAGES))["unet"])
+    unet.load_state_dict(common.load(stage or common.latest(*DECODER_STAGES))["unet"])
     return unet.eval().requires_grad_(False)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import shapes
+from ..backbone import Backbone
 from ..dit import DiT
 from ..presets import TEMPLATES, get_preset
 from ..vae import build_vae
@@ -50,12 +51,15 @@ def folded(dit: DiT, mu: torch.Tensor, sd: torch.Tensor) -> DiT:
     return out
 
 
-def load_dit(p, stage: str) -> Tuple[DiT, torch.Tensor]:
-    """The averaged DiT of a generation stage's checkpoint, folded to take raw query states, and its queries."""
+def load_generation(p, stage: str) -> Tuple[Backbone, DiT]:
+    """The frozen backbone carrying a generation stage's queries, and the stage's averaged DiT folded to
+    take raw query states."""
     state = common.load(stage)
+    backbone = load_backbone(p)
+    backbone.queries.data.copy_(state["queries"])
     dit = DiT(p.dit)
     dit.load_state_dict(state["dit"])
-    return folded(dit, state["mu"], state["sd"]).eval(), state["queries"]
+    return backbone, folded(dit, state["mu"], state["sd"]).eval()
 
 
 class Conditions:

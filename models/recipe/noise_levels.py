@@ -13,8 +13,7 @@ from .. import shapes
 from ..presets import get_preset
 from . import data
 from .features import load_encoder
-from .generation import bundled_stage, condition, load_dit, velocity_loss
-from .understanding import load_backbone
+from .generation import bundled_stage, condition, load_generation, velocity_loss
 
 SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9, 0.97)
 
@@ -24,9 +23,8 @@ def losses(stage: str, n: int = 96, seed: int = 11) -> dict:
     """{kind: [loss at each of SIGMAS]}."""
     p = get_preset("tiny")
     tok = data.tokenizer(p.backbone.vocab, p.backbone.context)
-    backbone, enc = load_backbone(p), load_encoder()
-    dit, queries = load_dit(p, stage)
-    backbone.queries.data.copy_(queries)
+    enc = load_encoder()
+    backbone, dit = load_generation(p, stage)
     out = {}
     for kind in shapes.KINDS:
         rng = np.random.default_rng(seed)

@@ -14,8 +14,7 @@ from .. import shapes
 from ..presets import get_preset
 from . import data
 from .features import load_encoder
-from .generation import bundled_stage, condition, load_dit, velocity_loss
-from .understanding import load_backbone
+from .generation import bundled_stage, condition, load_generation, velocity_loss
 
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 
@@ -28,9 +27,8 @@ def swapped(caption: str, a: str, b: str) -> str:
 def losses(stage: str, n: int = 64, sigmas=(0.3, 0.5, 0.7, 0.9), seed: int = 3) -> dict:
     p = get_preset("tiny")
     tok = data.tokenizer(p.backbone.vocab, p.backbone.context)
-    backbone, enc = load_backbone(p), load_encoder()
-    dit, queries = load_dit(p, stage)
-    backbone.queries.data.copy_(queries)
+    enc = load_encoder()
+    backbone, dit = load_generation(p, stage)
     rng = np.random.default_rng(seed)
     ss = []
     while len(ss) < n:
