@@ -372,11 +372,12 @@ async function queueThroughput(model: Blip3oModel, settings: Settings, reps: num
   return queue;
 }
 
-/** Prefill time and decode speed of describe on `image` (median of `reps`, after a warm-up). */
+/** Prefill time and decode speed of describe on `image` with the bundle's default question, which asks for
+ * a whole description (median of `reps`, after a warm-up). */
 async function measureUnderstanding(model: Blip3oModel, image: Buffer, maxTokens: number, reps: number): Promise<BenchReport['understanding']> {
   const answers: DescribeDetails[] = [];
   for (let rep = -1; rep < reps; rep++) {
-    const answer = await model.describeDetailed(image, 'what is in the image?', { maxTokens, temperature: 0 });
+    const answer = await model.describeDetailed(image, { maxTokens, temperature: 0 });
     if (rep >= 0) answers.push(answer);
   }
   const decodeMs = median(answers.map((a) => a.decodeMs));

@@ -30,7 +30,8 @@ export interface LoadOptions {
   dtype?: DtypeRequest;
   /**
    * CPU threads of the model; 0 = the runtime's default (the machine's cores, at most 8). On CPU a
-   * sample runs on one thread, and the samples of a batch run up to `threads` at a time. Default 0.
+   * sample runs on one thread (a lone sample's decoder on all of them), and the samples of a batch run
+   * up to `threads` at a time. Default 0.
    */
   threads?: number;
   /** Most samples that concurrent generate calls with the same settings merge into one batch. Default 8. */

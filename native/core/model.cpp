@@ -4,7 +4,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/cuda.h>
+#include <torch/csrc/jit/ir/constants.h>
+#include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
+#include <torch/csrc/jit/runtime/graph_iterator.h>
 #include <torch/script.h>
 #include <torch/version.h>
 
@@ -66,6 +69,59 @@ torch::jit::Module frozen(const torch::jit::Module& module, const std::vector<st
   }
 }
 
+// On CPU, ATen picks a convolution's kernel at every call from its shapes and the calling thread's
+// intra-op thread count (a 1x1 convolution goes to oneDNN at two threads, to im2col + BLAS at one), and
+// the two round differently. Each convolution of a frozen float32 graph bound to one kernel gives the
+// same bytes at any thread count, so a lone sample may run on every core: oneDNN for spatial kernels
+// (it threads, and is as fast at one thread), im2col + BLAS for 1x1 ones (2-3x faster than oneDNN at
+// batch 1). Returns false if a convolution was left to ATen's choice (the caller then keeps one thread).
+bool bindConvolutions(torch::jit::Module& module) {
+  using torch::jit::Node;
+  using torch::jit::toIValue;
+  static const auto conv2d = c10::Symbol::fromQualString("aten::conv2d");
+  static const auto onednn = c10::Symbol::fromQualString("aten::mkldnn_convolution");
+  static const auto im2col = c10::Symbol::fromQualString("aten::thnn_conv2d");
+  bool bound = true;
+  for (const auto& method : module.get_methods()) {
+    auto graph = method.graph();
+    std::vector<Node*> convs;
+    torch::jit::DepthFirstGraphNodeIterator it(graph);
+    for (Node* node = it.next(); node; node = it.next())
+      if (node->kind() == conv2d) convs.push_back(node);
+    for (Node* node : convs) {
+      // conv2d(input, weight, bias, stride, padding, dilation, groups), all but the input constant once
+      // frozen; the overload with a padding string ("same") is left alone
+      auto weight = toIValue(node->input(1));
+      auto stride = toIValue(node->input(3)), padding = toIValue(node->input(4));
+      auto dilation = toIValue(node->input(5)), groups = toIValue(node->input(6));
+      if (!weight || !weight->isTensor() || weight->toTensor().dim() != 4 ||
+          weight->toTensor().scalar_type() != torch::kFloat32 || !padding || !padding->isIntList() || !stride ||
+          !dilation || !groups) {
+        bound = false;
+        continue;
+      }
+      const auto k = weight->toTensor().sizes().slice(2).vec();
+      const auto d = dilation->toIntVector();
+      const bool spatial = k[0] > 1 || k[1] > 1;
+      if (!spatial && (groups->toInt() != 1 || d[0] != 1 || d[1] != 1)) {
+        bound = false;
+        continue;
+      }
+      torch::jit::WithInsertPoint guard(node);
+      auto* graphOf = node->owningGraph();
+      Node* call = spatial ? graphOf->create(onednn, {node->input(0), node->input(1), node->input(2), node->input(4),
+                                                      node->input(3), node->input(5), node->input(6)})
+                           : graphOf->create(im2col, {node->input(0), node->input(1), graphOf->insertConstant(k),
+                                                      node->input(2), node->input(3), node->input(4)});
+      call->output()->setType(node->output()->type());
+      graphOf->insertNode(call);
+      node->output()->replaceAllUsesWith(call->output());
+      node->destroy();
+    }
+  }
+  return bound;
+}
+
 }  // namespace
 
 RuntimeInfo runtimeInfo() {
@@ -122,6 +178,8 @@ struct Model::Impl {
   torch::ScalarType dtype = torch::kFloat32;
   torch::jit::Module backbone, dit, decoder, vae;
   bool ditPrepares = false;  // dit.pt has prepare() + step(): the condition's share is computed once per loop
+  // CPU, float32: a lone sample's decoder and VAE calls run on every pool thread (see bindConvolutions)
+  bool decoderWidens = false, vaeWidens = false;
   torch::Tensor negative;  // [1, clip tokens, clip width] float32; set by prepareNegative
   // CUDA graphs (LoadOptions::cudaGraphs on CUDA), captured at the first use of each shape: the DiT
   // step by its rows, the decode step by its KV-cache length. A loop whose capture failed stays eager.
@@ -176,9 +234,9 @@ struct Model::Impl {
   }
 
   // Runs task(0..count-1): concurrently on the CPU pool, in order on CUDA.
-  void parallel(size_t count, const std::function<void(int)>& task) {
+  void parallel(size_t count, const std::function<void(int)>& task, bool widen = false) {
     spans.reset(count);
-    if (pool) return pool->run(int(count), task);
+    if (pool) return pool->run(int(count), task, widen);
     for (size_t i = 0; i < count; ++i) task(int(i));
   }
 
@@ -341,7 +399,7 @@ struct Model::Impl {
       hooks.check();
       auto t0 = Clock::now();
       const double s = req.decoderSigmas[i], dsigma = req.decoderSigmas[i + 1] - s;
-      parallel(gs.size(), [&](int gi) {
+      auto step = [&](int gi) {
         Group& g = gs[gi];
         const int64_t n = g.z.size(0);
         torch::Tensor zin = g.z / std::sqrt(s * s + 1);
@@ -362,7 +420,8 @@ struct Model::Impl {
         else  // v_prediction
           denoised = out * (-s / std::sqrt(s * s + 1)) + g.z / (s * s + 1);
         g.z.add_(((g.z - denoised) / s).mul_(dsigma));
-      });
+      };
+      parallel(gs.size(), step, decoderWidens);
       clock.callMs += spans.takeUnionMs();
       if (hooks.progress) hooks.progress("decoder", int(i + 1), int(steps));
       clock.stepMs.push_back(msSince(t0));
@@ -457,6 +516,10 @@ std::unique_ptr<Model> Model::load(const std::string& bundleDir, const LoadOptio
   impl->ditPrepares = impl->dit.find_method("prepare") && impl->dit.find_method("step");
   impl->decoder = loadModule("decoder", {"forward"});
   impl->vae = loadModule("vae", {"forward"});
+  if (!impl->device.is_cuda() && impl->dtype == torch::kFloat32) {
+    impl->decoderWidens = bindConvolutions(impl->decoder);
+    impl->vaeWidens = bindConvolutions(impl->vae);
+  }
   if (!impl->device.is_cuda()) impl->pool = std::make_unique<WorkerPool>(options.threads);
   impl->graphs = impl->device.is_cuda() && options.cudaGraphs;
   const char* graphs = !impl->device.is_cuda() ? "off (cpu)"
@@ -533,7 +596,7 @@ GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks
     torch::Tensor image = m.spans.time(g, [&] { return m.call(m.vae, {latents}); });
     Impl::expectShape("vae.pt", image, {groups[g].second, 3, mf.imageHeight, mf.imageWidth});
     images[g] = image.to(torch::kFloat32);
-  });
+  }, m.vaeWidens);
   result.vaeCallMs = m.spans.takeUnionMs();
   torch::Tensor pixels = (torch::cat(images) / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch::kUInt8);
   pixels = pixels.permute({0, 2, 3, 1}).contiguous().cpu();

@@ -16,7 +16,8 @@ namespace blip3o {
 struct LoadOptions {
   std::string device = "auto";  // auto | cpu | cuda
   std::string dtype = "auto";   // auto | float32 | bfloat16 | float16
-  int threads = 1;              // CPU: how many samples of a batch run at once (one core each)
+  int threads = 1;              // CPU: how many samples of a batch run at once (one core each; a lone
+                                // sample's decoder on all)
   bool cudaGraphs = true;       // CUDA: replay the DiT step and the decode step as CUDA graphs
 };
 

@@ -23,6 +23,21 @@ void setComputeThreads(int n) {
   if (auto fn = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) fn(1);
 }
 
+namespace {
+
+// This thread's OpenMP threads, without at::set_num_threads's rebuild of the process-wide pthreadpool
+// (which would start threads at every call); ATen's kernels and oneDNN read the OpenMP setting.
+void setOpenMpThreads(int n) {
+  using SetThreads = void (*)(int);
+  static auto fn = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+  if (fn)
+    fn(n);
+  else
+    at::set_num_threads(n);
+}
+
+}  // namespace
+
 WorkerPool::WorkerPool(int size) {
   for (int i = 1; i < size; ++i) threads_.emplace_back([this] { loop(); });
 }
@@ -36,8 +51,16 @@ WorkerPool::~WorkerPool() {
   for (auto& t : threads_) t.join();
 }
 
-void WorkerPool::run(int count, const std::function<void(int)>& task) {
+void WorkerPool::run(int count, const std::function<void(int)>& task, bool widen) {
   if (count <= 0) return;
+  if (count == 1 && widen && !threads_.empty()) {  // the workers idle meanwhile: lend their cores
+    struct Restore {
+      ~Restore() { setOpenMpThreads(1); }
+    } restore;
+    setOpenMpThreads(size());
+    task(0);
+    return;
+  }
   if (count == 1 || threads_.empty()) {  // nothing to share: no handoff
     for (int i = 0; i < count; ++i) task(i);
     return;

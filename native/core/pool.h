@@ -31,7 +31,10 @@ class WorkerPool {
 
   // Runs task(0) .. task(count - 1) on the caller and the workers, returns when all are done and
   // rethrows the first exception a task threw. One run at a time (the executor thread calls it).
-  void run(int count, const std::function<void(int)>& task);
+  // `widen`: a lone task runs on the caller with every thread of the pool as intra-op threads (for
+  // calls whose bytes do not depend on the thread count; see bindConvolutions in model.cpp).
+  void run(int count, const std::function<void(int)>& task, bool widen = false);
+  int size() const { return int(threads_.size()) + 1; }
 
  private:
   void loop();
