@@ -1,7 +1,7 @@
 """Stage 2, understanding: the backbone (vision tower + LM) learns to caption scenes and answer the
 questions of the shapes world, in the understanding template the runtime uses. BLIP3-o starts from a
 trained Qwen2.5-VL and freezes it; ours is trained here first (understanding, then ground), then frozen for
-every later stage."""
+every later stage until the last, questions (questions.py)."""
 from typing import List, Optional, Tuple
 
 import numpy as np

@@ -71,16 +71,38 @@ def test_vision_stage_leaves_the_lm_as_it_was(monkeypatch):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
 
 
-def test_lanes_run_side_by_side_and_a_failed_lane_stops_the_recipe(tmp_path):
-    """`all` runs its lanes as child processes: a lane that fails must end the recipe with an error (and
-    stop the other lane) instead of letting later stages start; lanes that succeed leave their output."""
+def test_questions_stage_trains_the_lm_alone_and_leaves_the_queries_to_generation(monkeypatch):
+    """The questions stage trains the LM only: the vision tower must come out bit-identical, and the
+    checkpoint must not carry queries (the bundle takes them from the generation stage)."""
+    from models.recipe import common, questions
+
+    saved = {}
+    monkeypatch.setattr(common, "save", lambda name, state: saved.update(state))
+    questions.train(steps=2, batch_size=4, distill_rows=2, lr=1e-2)
+    before = common.load("vision2")["backbone"]
+    after = saved["backbone"]
+    assert "queries" not in after
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("visual."))
+    assert any(not torch.equal(before[k], after[k]) for k in after if not k.startswith("visual."))
+
+
+def test_lanes_run_side_by_side_and_a_failed_stage_stops_the_recipe(tmp_path):
+    """`all` runs its lanes' stages as child processes: a stage that fails must end the recipe with an error
+    (and stop the other lane) instead of letting later stages start; stages that succeed leave their
+    output; a stage that needs one of another lane starts after it, and lanes that wait on each other are
+    an error, not a hang."""
     import pytest
     from models.recipe.__main__ import run_lanes
 
-    with pytest.raises(SystemExit, match="lane failed"):
+    with pytest.raises(SystemExit, match="stage no-such-stage failed"):
         run_lanes([("no-such-stage",), ("bundle",)], tmp_path / "failed")
     run_lanes([("bundle",)], tmp_path / "ok")
     assert (tmp_path / "ok" / "manifest.json").exists()
+    with pytest.raises(SystemExit, match="stage no-such-stage failed"):  # it waited for the bundle to finish
+        run_lanes([("no-such-stage",), ("bundle",)], tmp_path / "after", needs={"no-such-stage": ("bundle",)})
+    assert (tmp_path / "after" / "manifest.json").exists()
+    with pytest.raises(SystemExit, match="wait on each other"):
+        run_lanes([("a",), ("b",)], tmp_path / "none", needs={"a": ("b",), "b": ("a",)})
 
 
 def test_swaps_exchange_exactly_the_two_words():
