@@ -84,9 +84,12 @@ class Bundle:
             torch.cuda.synchronize(self.device)
 
 
-def dit_loop(b: Bundle, cond: Tensor, x: Tensor, sigmas: Tensor, timesteps: Tensor, cfg: float, t: Dict) -> Tensor:
+def dit_loop(b: Bundle, cond: Tensor, x: Tensor, sigmas: Tensor, timesteps: Tensor, cfg: float, t: Dict,
+             eta: float = 0.0, noise: Optional[Tensor] = None) -> Tensor:
     """The DiT's flow-matching loop with CFG as one batch ([uncond, cond]; the conditional branch alone at
-    guidance 1 or less, as diffusers does); x stays float32."""
+    guidance 1 or less, as diffusers does); x stays float32. With eta > 0, every step but the last goes
+    from the clean estimate x - sigma v and the noise estimate x + (1 - sigma) v to
+    (1 - sigma') clean + sigma' (sqrt(1 - eta^2) noise estimate + eta noise[i])."""
     guided = cfg > 1
     uncond_cond = torch.cat([torch.zeros_like(cond), cond]) if guided else cond
     timesteps = timesteps.to(b.device)
@@ -99,7 +102,11 @@ def dit_loop(b: Bundle, cond: Tensor, x: Tensor, sigmas: Tensor, timesteps: Tens
         if guided:
             v_u, v_c = v.chunk(2)
             v = v_u + cfg * (v_c - v_u)
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
+        if eta > 0 and i + 1 < len(timesteps):
+            eps = (x + (1 - sigmas[i]) * v) * (1 - eta * eta) ** 0.5 + eta * noise[i].to(b.device)
+            x = (1 - sigmas[i + 1]) * (x - sigmas[i] * v) + sigmas[i + 1] * eps
+        else:
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
         t["ditStepMs"].append(ms_since(step))
     return x
 
@@ -114,7 +121,9 @@ def features(b: Bundle, ids: List[int], g: torch.Generator, steps: int, cfg: flo
     start = time.perf_counter()
     x = torch.randn([1, m["clip"]["tokens"], m["clip"]["width"]], generator=g).to(b.device)
     sigmas, timesteps = flow_match_schedule(steps, m["sampler"]["dit"]["shift"])
-    x = dit_loop(b, cond, x, sigmas, timesteps, cfg, t)
+    eta = m["sampler"]["dit"].get("eta", 0.0)
+    noise = torch.randn([steps - 1, 1, m["clip"]["tokens"], m["clip"]["width"]], generator=g) if eta > 0 else None
+    x = dit_loop(b, cond, x, sigmas, timesteps, cfg, t, eta, noise)
     b.sync()
     t["ditMs"] = ms_since(start)
     return x

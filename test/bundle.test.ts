@@ -74,6 +74,8 @@ t.test('bundle validation', { skip: skipWithoutRuntime }, async (t) => {
     await rejectsWith(t, brokenCopy((_, m) => (m.sampler.dit.steps = -3)), /sampler\.dit\.steps must be a positive integer/);
     await rejectsWith(t, brokenCopy((_, m) => (m.image.width = '64')), /image\.width/);
     await rejectsWith(t, brokenCopy((_, m) => (m.sampler.decoder.betaSchedule = 'cosine')), /sampler\.decoder\.betaSchedule/);
+    await rejectsWith(t, brokenCopy((_, m) => (m.sampler.dit.eta = 1.5)), /sampler\.dit\.eta must be a number in \[0, 1\]/);
+    await rejectsWith(t, brokenCopy((_, m) => (m.sampler.dit.eta = 'some')), /sampler\.dit\.eta must be a finite number/);
   });
 
   t.test('another format or formatVersion', async (t) => {

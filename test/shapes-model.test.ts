@@ -2,10 +2,6 @@
 // prompts and seeds (generation, judged from the pixels by the shapes world's judge) and on fixed rendered
 // scenes (understanding). Deterministic: the same bundle gives the same images and answers every run.
 // The broad measurement, over hundreds of fresh scenes, is `npm run eval` (README, "The bundled model").
-// The generation check is `todo` while the bundled model is partly trained (issue 7: 8 of its 10
-// prompts pass): it runs and reports every miss without failing the suite; drop the `todo` once a
-// retrained bundle passes it. The understanding check passes and is a real test.
-const todo = 'issue 7: the bundled model is partly trained (README, "The bundled model")';
 import t from 'tap';
 import { rgbPixels, ShapesWorld } from '../ts/eval';
 import { encodeImage } from '../ts/image';
@@ -36,7 +32,7 @@ t.test('the bundled model', { skip }, async (t) => {
     await model.dispose();
   });
 
-  t.test('generates judge-passing images for fixed prompts and seeds', { todo }, async (t) => {
+  t.test('generates judge-passing images for fixed prompts and seeds', async (t) => {
     const images = await model.generate(prompts, { seed: 1 });
     const verdicts = [];
     for (const [i, image] of images.entries()) {

@@ -420,7 +420,7 @@ async function runInfo(values: Values, positionals: string[], signal: AbortSigna
     `image      ${info.image.width}x${info.image.height}`,
     `device     ${info.device}, ${info.dtype}, ${info.threads} threads`,
     `graphs     DiT ${info.cudaGraphs.dit}; decode ${info.cudaGraphs.decode}`,
-    `defaults   steps ${info.defaults.steps}, cfg ${info.defaults.cfg}, decoder steps ${info.defaults.decoderSteps}, decoder cfg ${info.defaults.decoderCfg}`,
+    `defaults   steps ${info.defaults.steps}, cfg ${info.defaults.cfg}, eta ${info.defaults.eta}, decoder steps ${info.defaults.decoderSteps}, decoder cfg ${info.defaults.decoderCfg}`,
     `libtorch   ${info.libtorch} (${cuda})`,
     `blip3o     ${runtime.version}`,
   ];

@@ -53,7 +53,8 @@ export interface BundleManifest {
     defaultQuestion: string;
   };
   sampler: {
-    dit: { steps: number; cfg: number; shift: number };
+    /** eta (optional, default 0): share of fresh noise in each DiT step (0: the deterministic Euler step). */
+    dit: { steps: number; cfg: number; shift: number; eta?: number };
     decoder: EulerDiscreteConfig & {
       steps: number;
       cfg: number;

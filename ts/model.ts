@@ -93,7 +93,7 @@ export interface ModelInfo {
   image: { width: number; height: number };
   context: number;
   libtorch: string;
-  defaults: { steps: number; cfg: number; decoderSteps: number; decoderCfg: number; shift: number };
+  defaults: { steps: number; cfg: number; decoderSteps: number; decoderCfg: number; shift: number; eta: number };
 }
 
 export interface RuntimeInfo extends NativeRuntimeInfo {
@@ -168,6 +168,7 @@ export async function loadModel(dirOrOptions?: string | LoadOptions, maybeOption
       ditSigmas: schedule.sigmas,
       ditTimesteps: schedule.timesteps,
       ditCfg: dit.cfg,
+      ditEta: dit.eta ?? 0,
     }).promise;
     return new Blip3oModel(native, manifest, tokenizer, binding.runtimeInfo().libtorch, {
       maxBatch: loadOptions.maxBatch,
@@ -251,6 +252,7 @@ export class Blip3oModel {
         ditSigmas: dit.sigmas,
         ditTimesteps: dit.timesteps,
         ditCfg: opts.cfg ?? sampler.dit.cfg,
+        ditEta: sampler.dit.eta ?? 0,
         decoderSigmas: decoder.sigmas,
         decoderTimesteps: decoder.timesteps,
         decoderInitSigma: decoder.initNoiseSigma,
@@ -448,6 +450,7 @@ export class Blip3oModel {
         decoderSteps: manifest.sampler.decoder.steps,
         decoderCfg: manifest.sampler.decoder.cfg,
         shift: manifest.sampler.dit.shift,
+        eta: manifest.sampler.dit.eta ?? 0,
       },
     };
   }

@@ -30,6 +30,8 @@ export interface NativeNegativeRequest {
   ditSigmas: number[];
   ditTimesteps: number[];
   ditCfg: number;
+  /** Share of fresh noise in each DiT step, 0 to 1 (0: the deterministic Euler step). */
+  ditEta: number;
 }
 
 export interface NativeGenerateRequest {
@@ -38,6 +40,8 @@ export interface NativeGenerateRequest {
   ditSigmas: number[];
   ditTimesteps: number[];
   ditCfg: number;
+  /** Share of fresh noise in each DiT step, 0 to 1 (0: the deterministic Euler step). */
+  ditEta: number;
   decoderSigmas: number[];
   decoderTimesteps: number[];
   decoderInitSigma: number;

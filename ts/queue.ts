@@ -224,5 +224,5 @@ export class GenerateQueue {
 }
 
 function settingsKey(s: SamplerSettings): string {
-  return JSON.stringify([s.ditSigmas, s.ditTimesteps, s.ditCfg, s.decoderSigmas, s.decoderTimesteps, s.decoderInitSigma, s.decoderCfg]);
+  return JSON.stringify([s.ditSigmas, s.ditTimesteps, s.ditCfg, s.ditEta, s.decoderSigmas, s.decoderTimesteps, s.decoderInitSigma, s.decoderCfg]);
 }

@@ -16,7 +16,7 @@ from ..presets import Preset
 # The decoder predicts the clean image ("sample", which trained where epsilon did not: shared/TRAINING.md)
 # and needs no guidance: the features already say everything. The DiT keeps BLIP3-o's guidance.
 TINY_SAMPLER = copy.deepcopy(SAMPLER)
-TINY_SAMPLER["dit"].update({"steps": 20, "cfg": 3.0, "shift": 1.0})
+TINY_SAMPLER["dit"].update({"steps": 20, "cfg": 3.0, "shift": 1.0, "eta": 0.8})
 TINY_SAMPLER["decoder"].update({"steps": 10, "cfg": 1.0, "predictionType": "sample"})
 
 

@@ -91,6 +91,7 @@ DitSampling readDit(const Args& a) {
   dit.sigmas = a.numbers("ditSigmas");
   dit.timesteps = a.numbers("ditTimesteps");
   dit.cfg = a.number("ditCfg");
+  dit.eta = a.number("ditEta");
   return dit;
 }
 

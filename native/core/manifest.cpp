@@ -246,6 +246,10 @@ Manifest readManifest(const std::string& dirArg) {
   m.dit.steps = f.positiveInt("sampler.dit.steps", kMaxSteps);
   m.dit.cfg = f.number("sampler.dit.cfg", false);
   m.dit.shift = f.number("sampler.dit.shift", true);
+  if (f.at("sampler.dit").contains("eta")) {  // optional: 0, the deterministic sampler, when absent
+    m.dit.eta = f.number("sampler.dit.eta", false);
+    if (m.dit.eta < 0 || m.dit.eta > 1) fail("sampler.dit.eta", "must be a number in [0, 1]");
+  }
   auto& d = m.decoder;
   d.steps = f.positiveInt("sampler.decoder.steps", kMaxSteps);
   d.cfg = f.number("sampler.decoder.cfg", false);

@@ -40,7 +40,7 @@ struct Manifest {
   std::string generationTemplate, understandingTemplate, negativePrompt, defaultQuestion;
   struct {
     int64_t steps;
-    double cfg, shift;
+    double cfg, shift, eta;  // eta: share of fresh noise per DiT step (0: Euler, deterministic)
   } dit{};
   struct {
     int64_t steps, numTrainTimesteps, stepsOffset;

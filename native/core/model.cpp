@@ -245,21 +245,31 @@ struct Model::Impl {
     return torch::tensor(t, torch::kFloat32).unsqueeze(1).expand({-1, n}).contiguous().to(device);
   }
 
+  // The fresh noise of a stochastic DiT loop (eta > 0): one [1,T,C] draw per step but the last, from
+  // the sample's generator right after its initial noise; undefined for the deterministic loop.
+  torch::Tensor stepNoise(at::Generator& gen, const DitSampling& s) const {
+    if (s.eta <= 0) return {};
+    const int64_t n = int64_t(s.sigmas.size()) - 2;
+    return at::randn({n, 1, manifest.clipTokens, manifest.clipWidth}, gen, torch::kFloat32);
+  }
+
   // Flow-matching Euler over x [B,T,C] (float32, updated in place). Each call is a CFG pair
   // [uncond, cond] in an input buffer reused every step; the update is in place with the same
   // operations (and so the same bytes) as x + dsigma * (vu + cfg (vc - vu)). At guidance 1 or less
-  // the conditional branch runs alone, as in diffusers.
-  torch::Tensor runDit(const torch::Tensor& cond, torch::Tensor x, const DitSampling& s, const JobHooks& hooks,
-                       bool report, StageClock& clock) {
+  // the conditional branch runs alone, as in diffusers. With eta > 0 (noise: [steps - 1, B, T, C]) every
+  // step but the last goes from the prediction's clean estimate x0 = x - sigma v and noise estimate
+  // x + (1 - sigma) v to (1 - sigma') x0 + sigma' (sqrt(1 - eta^2) noise estimate + eta fresh noise).
+  torch::Tensor runDit(const torch::Tensor& cond, torch::Tensor x, const DitSampling& s, const torch::Tensor& noise,
+                       const JobHooks& hooks, bool report, StageClock& clock) {
     const int64_t steps = int64_t(s.timesteps.size());
     const bool guided = s.cfg > 1;
     const int64_t width = guided ? 2 : 1;
     // condition: what the step reads besides x and t, prepare()'s list or the condition itself
-    struct Group { torch::Tensor x, in, t; torch::IValue condition; };
+    struct Group { int64_t first; torch::Tensor x, in, t; torch::IValue condition; };
     std::vector<Group> gs;
     for (auto [first, n] : groups(x.size(0))) {
       torch::Tensor c = cond.narrow(0, first, n);
-      gs.push_back({x.narrow(0, first, n), torch::empty({width * n, x.size(1), x.size(2)}, x.options().dtype(dtype)),
+      gs.push_back({first, x.narrow(0, first, n), torch::empty({width * n, x.size(1), x.size(2)}, x.options().dtype(dtype)),
                     timestepRows(s.timesteps, width * n), (guided ? torch::cat({torch::zeros_like(c), c}) : c).to(dtype)});
     }
     if (ditPrepares) {
@@ -284,11 +294,19 @@ struct Model::Impl {
         });
         expectShape("dit.pt", out, g.in.sizes());
         out = out.to(torch::kFloat32);
+        torch::Tensor v = out;
         if (guided) {
           torch::Tensor vu = out.narrow(0, 0, n), vc = out.narrow(0, n, n);
-          g.x.add_((vc - vu).mul_(s.cfg).add_(vu).mul_(dsigma));
+          v = (vc - vu).mul_(s.cfg).add_(vu);
+        }
+        if (noise.defined() && i + 1 < steps) {
+          const double sigma = s.sigmas[i], next = s.sigmas[i + 1];
+          torch::Tensor x0 = g.x - v * sigma;
+          torch::Tensor eps = (g.x + v * (1 - sigma)).mul_(std::sqrt(1 - s.eta * s.eta));
+          eps.add_(noise[i].narrow(0, g.first, n), s.eta);
+          g.x.copy_(x0.mul_(1 - next).add_(eps, next));
         } else {
-          g.x.add_(out.mul_(dsigma));
+          g.x.add_(v.mul_(dsigma));
         }
       });
       clock.callMs += spans.takeUnionMs();
@@ -537,8 +555,9 @@ void Model::prepareNegative(const NegativeRequest& req, const JobHooks& hooks) {
   m.parallel(1, [&](int) { cond = m.backbone.run_method("condition", m.ids(req.ids)).toTensor(); });
   auto gen = at::make_generator<at::CPUGeneratorImpl>(req.seed);
   torch::Tensor eps = at::randn({1, m.manifest.clipTokens, m.manifest.clipWidth}, gen, torch::kFloat32).to(m.device);
+  torch::Tensor noise = m.stepNoise(gen, req.dit);
   StageClock clock;
-  m.negative = m.runDit(cond, eps, req.dit, hooks, false, clock);
+  m.negative = m.runDit(cond, eps, req.dit, noise.defined() ? noise.to(m.device) : noise, hooks, false, clock);
 }
 
 GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks) {
@@ -561,18 +580,20 @@ GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks
   if (hooks.progress)
     for (int b = 0; b < B; ++b) hooks.progress("condition", b + 1, B);
   // Noise per sample from its own generator, so a sample never depends on its batch.
-  std::vector<torch::Tensor> epsDit, epsDec;
+  std::vector<torch::Tensor> epsDit, epsDec, steps;
   for (int b = 0; b < B; ++b) {
     auto gen = at::make_generator<at::CPUGeneratorImpl>(req.seeds[b]);
     epsDit.push_back(at::randn({1, mf.clipTokens, mf.clipWidth}, gen, torch::kFloat32));
+    if (req.dit.eta > 0) steps.push_back(m.stepNoise(gen, req.dit));
     epsDec.push_back(at::randn({1, mf.latentChannels, mf.latentHeight, mf.latentWidth}, gen, torch::kFloat32));
   }
+  torch::Tensor noise = steps.empty() ? torch::Tensor() : torch::cat(steps, 1).to(m.device);
   m.sync();
   result.conditionMs = msSince(stage);
 
   stage = Clock::now();
   StageClock dit;
-  torch::Tensor features = m.runDit(torch::cat(conds), torch::cat(epsDit).to(m.device), req.dit, hooks, true, dit);
+  torch::Tensor features = m.runDit(torch::cat(conds), torch::cat(epsDit).to(m.device), req.dit, noise, hooks, true, dit);
   m.sync();
   result.ditMs = msSince(stage);
   result.ditCallMs = dit.callMs;

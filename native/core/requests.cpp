@@ -40,6 +40,7 @@ void checkSchedule(const std::vector<double>& sigmas, const std::vector<double>&
 void checkDit(const DitSampling& dit) {
   checkSchedule(dit.sigmas, dit.timesteps, "dit", false);
   if (!std::isfinite(dit.cfg)) invalid("ditCfg must be finite");
+  if (!(dit.eta >= 0 && dit.eta <= 1)) invalid("ditEta must be a number in [0, 1]");
 }
 
 void checkConditionLength(const Manifest& m, size_t len, const std::string& name) {

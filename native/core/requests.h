@@ -15,6 +15,7 @@ namespace blip3o {
 struct DitSampling {
   std::vector<double> sigmas, timesteps;
   double cfg = 0;
+  double eta = 0;  // share of fresh noise mixed into each step's noise estimate (0: the Euler ODE step)
 };
 
 struct NegativeRequest {
