@@ -54,7 +54,7 @@ export function markdown(r: BenchReport): string {
     `### ${s.bundle} on ${s.device} (${s.dtype}), ${r.date.slice(0, 10)}`,
     '',
     `${m.cpu}, ${m.cores} cores, ${m.memoryGiB} GiB; ${m.os}; Node ${m.node}; libtorch ${r.runtime.libtorch}${python}.`,
-    `Threads: native ${s.threads.native}, Python ${s.threads.python ?? '–'}. DiT ${s.steps} steps (CFG ${s.cfg}), decoder ${s.decoderSteps} steps (CFG ${s.decoderCfg}); ` +
+    `Threads: native ${s.threads.native}, Python ${s.threads.python ?? '–'}. DiT ${s.steps} steps (CFG ${s.cfg}, eta ${s.eta}), decoder ${s.decoderSteps} steps (CFG ${s.decoderCfg}); ` +
       `${s.runs} runs per side after ${s.warmupRuns} warm-up run${s.warmupRuns === 1 ? "" : "s"}, alternating native and Python, same token ids and seeds.`,
     '',
     '| | native | Python | native / Python |',

@@ -64,6 +64,8 @@ export interface BenchReport {
     warmupRuns: number;
     steps: number;
     cfg: number;
+    /** The bundle's DiT sampler eta (0: deterministic Euler). */
+    eta: number;
     decoderSteps: number;
     decoderCfg: number;
     quick: boolean;
@@ -262,6 +264,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchReport>
         runs,
         warmupRuns,
         ...settings,
+        eta: info.defaults.eta,
         quick,
         python: withPython,
         throughput: withThroughput,

@@ -119,6 +119,8 @@ export interface EvalReport {
     /** The bundle's default sampler settings, used for every image. */
     steps: number;
     cfg: number;
+    /** The DiT sampler's eta (0: deterministic Euler). */
+    eta: number;
     decoderSteps: number;
     decoderCfg: number;
     /** Prompts per generate() call. */
@@ -458,6 +460,7 @@ export async function runEval(options: EvalOptions = {}): Promise<EvalReport> {
         seeds,
         steps: info.defaults.steps,
         cfg: info.defaults.cfg,
+        eta: info.defaults.eta,
         decoderSteps: info.defaults.decoderSteps,
         decoderCfg: info.defaults.decoderCfg,
         batch,
@@ -503,7 +506,7 @@ export function evalMarkdown(r: EvalReport): string {
     '',
     `${r.machine.cpu}, ${r.machine.cores} cores; Node ${r.machine.node}; libtorch ${r.runtime.libtorch}; blip3o ${r.runtime.blip3o}; ${s.threads} threads.`,
     `${s.prompts} seen + ${s.unseen} unseen prompts, ${s.scenes} scenes (${r.counts.questions} questions); seed ${s.seed}. ` +
-      `Bundle defaults: DiT ${s.steps} steps (CFG ${s.cfg}), decoder ${s.decoderSteps} steps (CFG ${s.decoderCfg}); greedy describe. ` +
+      `Bundle defaults: DiT ${s.steps} steps (CFG ${s.cfg}, eta ${s.eta}), decoder ${s.decoderSteps} steps (CFG ${s.decoderCfg}); greedy describe. ` +
       `Wall time ${seconds(r.wallMs)} (generation ${seconds(r.phaseMs.generation)}, understanding ${seconds(r.phaseMs.understanding)}, round trip ${seconds(r.phaseMs.roundTrip)}).`,
     '',
     '| kind | seen | unseen | caption exact match | round trip |',
