@@ -53,8 +53,8 @@ export interface BundleManifest {
     defaultQuestion: string;
   };
   sampler: {
-    /** eta (optional, default 0): share of fresh noise in each DiT step (0: the deterministic Euler step). */
-    dit: { steps: number; cfg: number; shift: number; eta?: number };
+    /** eta: share of fresh noise in each DiT step (0, the deterministic Euler step, when the file has none). */
+    dit: { steps: number; cfg: number; shift: number; eta: number };
     decoder: EulerDiscreteConfig & {
       steps: number;
       cfg: number;
@@ -67,9 +67,12 @@ export interface BundleManifest {
 
 /** Parses the manifest text the native loader validated. */
 export function parseManifest(text: string, bundleDir: string): BundleManifest {
+  let manifest: BundleManifest;
   try {
-    return JSON.parse(text) as BundleManifest;
+    manifest = JSON.parse(text) as BundleManifest;
   } catch (err) {
     throw new BundleError(`${bundleDir}/manifest.json: not valid JSON (${(err as Error).message})`, { cause: err });
   }
+  manifest.sampler.dit.eta ??= 0;  // optional in the format
+  return manifest;
 }

@@ -168,7 +168,7 @@ export async function loadModel(dirOrOptions?: string | LoadOptions, maybeOption
       ditSigmas: schedule.sigmas,
       ditTimesteps: schedule.timesteps,
       ditCfg: dit.cfg,
-      ditEta: dit.eta ?? 0,
+      ditEta: dit.eta,
     }).promise;
     return new Blip3oModel(native, manifest, tokenizer, binding.runtimeInfo().libtorch, {
       maxBatch: loadOptions.maxBatch,
@@ -252,7 +252,7 @@ export class Blip3oModel {
         ditSigmas: dit.sigmas,
         ditTimesteps: dit.timesteps,
         ditCfg: opts.cfg ?? sampler.dit.cfg,
-        ditEta: sampler.dit.eta ?? 0,
+        ditEta: sampler.dit.eta,
         decoderSigmas: decoder.sigmas,
         decoderTimesteps: decoder.timesteps,
         decoderInitSigma: decoder.initNoiseSigma,
@@ -450,7 +450,7 @@ export class Blip3oModel {
         decoderSteps: manifest.sampler.decoder.steps,
         decoderCfg: manifest.sampler.decoder.cfg,
         shift: manifest.sampler.dit.shift,
-        eta: manifest.sampler.dit.eta ?? 0,
+        eta: manifest.sampler.dit.eta,
       },
     };
   }

@@ -7,6 +7,7 @@ from ..vae import build_vae
 from . import common, pipeline
 from .decoder import load_unet
 from .generation import bundled_stage, load_generation
+from .understanding import FROZEN_LM
 
 NAME = "blip3o-tiny-shapes"
 
@@ -15,8 +16,6 @@ def build(out: Path) -> dict:
     """The queries and DiT come from the last generation stage that ran (bundled_stage); the LM from the
     questions stage when it has run."""
     p = get_preset("tiny")
-    backbone, dit = load_generation(p, bundled_stage())
-    if common.exists("questions"):
-        backbone.load_state_dict({**common.load("questions")["backbone"], "queries": backbone.queries.detach()})
+    backbone, dit = load_generation(p, bundled_stage(), common.latest("questions", *FROZEN_LM))
     modules = {"backbone": backbone, "dit": dit, "decoder": load_unet(p), "vae": build_vae(p.vae).eval()}
     return export(p, out, modules=modules, name=NAME, sampler=pipeline.TINY_SAMPLER)

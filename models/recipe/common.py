@@ -59,14 +59,10 @@ def save(name: str, state: Dict) -> Path:
     return path
 
 
-def exists(name: str) -> bool:
-    return (CHECKPOINTS / f"{name}.pt").exists()
-
-
 def latest(*names: str) -> str:
     """The first of `names` (later stages first) whose checkpoint exists, else the last: a stage that
     continues another's output replaces it for the stages after it."""
-    return next((n for n in names if exists(n)), names[-1])
+    return next((n for n in names if (CHECKPOINTS / f"{n}.pt").exists()), names[-1])
 
 
 def load(name: str) -> Dict:

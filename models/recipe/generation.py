@@ -51,11 +51,11 @@ def folded(dit: DiT, mu: torch.Tensor, sd: torch.Tensor) -> DiT:
     return out
 
 
-def load_generation(p, stage: str) -> Tuple[Backbone, DiT]:
-    """The frozen backbone carrying a generation stage's queries, and the stage's averaged DiT folded to
-    take raw query states."""
+def load_generation(p, stage: str, backbone_stage: Optional[str] = None) -> Tuple[Backbone, DiT]:
+    """A backbone (load_backbone's default: the frozen one) carrying a generation stage's queries, and the
+    stage's averaged DiT folded to take raw query states."""
     state = common.load(stage)
-    backbone = load_backbone(p)
+    backbone = load_backbone(p, backbone_stage)
     backbone.queries.data.copy_(state["queries"])
     dit = DiT(p.dit)
     dit.load_state_dict(state["dit"])

@@ -10,10 +10,9 @@ import numpy as np
 import torch
 
 from .. import shapes
-from ..backbone import Backbone
 from ..presets import get_preset
-from . import common, data
-from .understanding import answer
+from . import data
+from .understanding import answer, load_backbone
 
 
 def main() -> None:
@@ -34,10 +33,7 @@ def main() -> None:
                 expected.append(color)
                 other.append(next(o.color for o in s.objects if o.shape not in q))
     for stage in a.stages:
-        backbone = Backbone(p.backbone, p.vision)
-        state = common.load(stage)["backbone"]
-        backbone.load_state_dict({**state, "queries": backbone.queries.detach()})  # queries: unused here
-        got = answer(backbone.eval(), tok, p, images, questions)
+        got = answer(load_backbone(p, stage), tok, p, images, questions)
         right = sum(g == e for g, e in zip(got, expected))
         swapped = sum(g == o != e for g, o, e in zip(got, other, expected))
         print(f"{stage:10s} {right}/{len(questions)} right; {swapped} of the misses name the other object's colour",

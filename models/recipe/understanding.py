@@ -222,8 +222,14 @@ def evaluate(backbone: Backbone, tok, p: Preset, n: int = 48, seed: int = 12345)
             "follow-up": float(np.mean([a == t for a, (_, t) in zip(follow, qs)]))}
 
 
-def load_backbone(p: Preset) -> Backbone:
-    """The backbone of the latest understanding stage that has run."""
+# The stages whose LM the generation stages read (bit for bit the same LM), latest first.
+FROZEN_LM = ("vision2", "vision", "ground", "understanding")
+
+
+def load_backbone(p: Preset, stage: Optional[str] = None) -> Backbone:
+    """A backbone stage's weights, by default the latest one whose LM the generation stages read. A
+    checkpoint without queries (questions) leaves them as initialised: they come from a generation stage."""
     backbone = Backbone(p.backbone, p.vision)
-    backbone.load_state_dict(common.load(common.latest("vision2", "vision", "ground", "understanding"))["backbone"])
+    state = common.load(stage or common.latest(*FROZEN_LM))["backbone"]
+    backbone.load_state_dict({"queries": backbone.queries.detach(), **state})
     return backbone.eval().requires_grad_(False)

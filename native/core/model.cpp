@@ -580,14 +580,14 @@ GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks
   if (hooks.progress)
     for (int b = 0; b < B; ++b) hooks.progress("condition", b + 1, B);
   // Noise per sample from its own generator, so a sample never depends on its batch.
-  std::vector<torch::Tensor> epsDit, epsDec, steps;
+  std::vector<torch::Tensor> epsDit, epsDec, stepNoises;
   for (int b = 0; b < B; ++b) {
     auto gen = at::make_generator<at::CPUGeneratorImpl>(req.seeds[b]);
     epsDit.push_back(at::randn({1, mf.clipTokens, mf.clipWidth}, gen, torch::kFloat32));
-    if (req.dit.eta > 0) steps.push_back(m.stepNoise(gen, req.dit));
+    if (torch::Tensor n = m.stepNoise(gen, req.dit); n.defined()) stepNoises.push_back(n);
     epsDec.push_back(at::randn({1, mf.latentChannels, mf.latentHeight, mf.latentWidth}, gen, torch::kFloat32));
   }
-  torch::Tensor noise = steps.empty() ? torch::Tensor() : torch::cat(steps, 1).to(m.device);
+  torch::Tensor noise = stepNoises.empty() ? torch::Tensor() : torch::cat(stepNoises, 1).to(m.device);
   m.sync();
   result.conditionMs = msSince(stage);
 
