@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from .backbone import Backbone
 from .dit import DiT
+from .layers import per_sample_linears
 from .presets import CLIP_MEAN, CLIP_STD, TEMPLATES, Preset, get_preset
 from .tokenizer import SPECIAL_TOKENS, write_tokenizer
 from .unet import UNet
@@ -59,7 +60,14 @@ def build_modules(preset: Preset, seed: int) -> Dict[str, nn.Module]:
     return {k: m.eval() for k, m in modules.items()}
 
 
+# The components a runtime batches: per-sample linear layers, so a sample's bytes never depend on the rest of
+# its call (the manifest says so: batchInvariant).
+BATCHED = ("dit", "decoder")
+
+
 def script_module(name: str, module: nn.Module) -> torch.jit.ScriptModule:
+    if name in BATCHED:
+        per_sample_linears(module)
     if name == "vae" and hasattr(module, "encoder"):  # the bundle only decodes: leave the encoder (training only) out of the file
         del module.encoder, module.quant_conv
     return torch.jit.script(module)
@@ -132,6 +140,7 @@ def manifest(preset: Preset, dtype: str, bundle: Path, name: Optional[str] = Non
                    "stop": sorted([ids["<|endoftext|>"], ids["<|im_end|>"]])},
         "templates": dict(TEMPLATES),
         "sampler": sampler or SAMPLER,
+        "batchInvariant": True,
         "architecture": preset.to_dict(),
     }
 

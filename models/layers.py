@@ -160,3 +160,27 @@ class TimestepMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class SampleLinear(nn.Linear):
+    """nn.Linear (same parameters) that, on CPU, multiplies each sample (first dimension) on its own.
+    OpenBLAS rounds a row differently depending on where it falls in the GEMM, so a sample batched with
+    others would not give its lone bytes; one GEMM per sample does, whatever else the call holds, so a
+    runtime may split a batch into calls as it likes. CUDA keeps the single GEMM."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda or (x.dim() != 2 and x.dim() != 3):
+            return F.linear(x, self.weight, self.bias)
+        rows = x if x.dim() == 3 else x.unsqueeze(1)
+        y = torch.bmm(rows, self.weight.t().expand(rows.shape[0], -1, -1))
+        if self.bias is not None:
+            y = y + self.bias
+        return y if x.dim() == 3 else y.squeeze(1)
+
+
+def per_sample_linears(module: nn.Module) -> nn.Module:
+    """Makes module's nn.Linear layers SampleLinear, in place (a class change: no state moves)."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = SampleLinear
+    return module

@@ -2,9 +2,12 @@
 // caller keeping the bytes it gets alone, its own progress, abort and error; a full queue rejects
 // with BusyError; every call settles exactly once. No timing asserts: a shared batch shows in the
 // timings, which a merged call shares with its batch (the same per-step wall times).
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import t from 'tap';
 import { BusyError, DisposedError, loadModel, type GenerateResult, type ProgressEvent } from '../ts/index';
-import { fast, skipWithoutRuntime } from './fixtures/runtime';
+import { fast, skipWithoutRuntime, tinyDir } from './fixtures/runtime';
 
 const prompts = [
   'a large red circle at the center on a white background',
@@ -143,6 +146,22 @@ t.test('queue', { skip: skipWithoutRuntime }, async (t) => {
       batch.forEach((r, i) => t.ok(r.image.equals(alone[i].image), `threads ${threads}, sample ${i}`));
       await other.dispose();
     }
+  });
+
+  t.test('a bundle that does not say batchInvariant runs one call per sample, with the same bytes', async (t) => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'blip3o-queue-'));
+    t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+    cpSync(tinyDir, dir, { recursive: true });
+    const manifestPath = path.join(dir, 'manifest.json');
+    const manifest = JSON.parse(readFileSync(manifestPath, 'utf8')) as { batchInvariant?: boolean };
+    delete manifest.batchInvariant;
+    writeFileSync(manifestPath, JSON.stringify(manifest));
+    const other = await loadModel(dir, { device: 'cpu', threads: 2 });
+    t.equal(other.manifest.batchInvariant, false);
+    const batch = await other.generate(prompts.slice(0, 3), { seed: 20, ...fast });
+    batch.forEach((r, i) => t.ok(r.image.equals(alone[i].image), `sample ${i}`));
+    t.ok((await other.generate(prompts[0], { seed: 20, ...fast })).image.equals(alone[0].image), 'alone');
+    await other.dispose();
   });
 
   t.test('every call settles exactly once, dispose included', async (t) => {

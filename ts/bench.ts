@@ -96,7 +96,8 @@ export interface BenchReport {
   images: { native: { width: number; height: number }; python: { width: number; height: number } | null };
   /** Empty, and queue null, when throughput was not measured. */
   throughput: { batch: number; ms: number; imagesPerSec: number }[];
-  queue: { requests: number; concurrentMs: number; sequentialMs: number; speedup: number; identical: boolean } | null;
+  /** rounds: the throughput and queue medians are over this many rounds (the queue's alternating). */
+  queue: { requests: number; rounds: number; concurrentMs: number; sequentialMs: number; speedup: number; identical: boolean } | null;
   understanding: { promptTokens: number; generatedTokens: number; prefillMs: number; decodeMs: number; decodeTokensPerSec: number };
   memory: { peakRssMb: number; pythonPeakRssMb: number | null; peakCudaMb: number | null; pythonPeakCudaMb: number | null };
 }
@@ -199,7 +200,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchReport>
   const quick = options.quick === true;
   const runs = checkRuns(options.runs ?? (quick ? 2 : 10));
   const warmupRuns = quick ? 1 : 2;
-  const reps = quick ? 1 : 3;
+  const reps = quick ? 1 : 5;
   const withPython = options.python !== false;
   const withThroughput = options.throughput !== false;
   const loadOptions = validateLoadOptions({ device: options.device, dtype: options.dtype, threads: options.threads ?? 0, cudaGraphs: options.cudaGraphs });
@@ -369,7 +370,7 @@ async function queueThroughput(model: Blip3oModel, settings: Settings, reps: num
     sequentialMs.push(sequential.ms);
     identical &&= concurrent.value.every((r, index) => r.image.equals(sequential.value[index].image));
   }
-  const queue = { requests: queueRequests, concurrentMs: median(concurrentMs), sequentialMs: median(sequentialMs), speedup: 0, identical };
+  const queue = { requests: queueRequests, rounds: reps, concurrentMs: median(concurrentMs), sequentialMs: median(sequentialMs), speedup: 0, identical };
   queue.speedup = queue.sequentialMs / queue.concurrentMs;
   log(`queue: ${queueRequests} requests concurrent ${queue.concurrentMs.toFixed(0)} ms, sequential ${queue.sequentialMs.toFixed(0)} ms`);
   return queue;

@@ -62,6 +62,9 @@ export interface BundleManifest {
     };
     negativeSeed: number;
   };
+  /** dit.pt and decoder.pt compute each sample of a call on its own, so the runtime may split a batch
+   * into calls freely (false, one call per sample on CPU, when the file has none). */
+  batchInvariant: boolean;
   architecture?: Record<string, unknown>;
 }
 
@@ -74,5 +77,6 @@ export function parseManifest(text: string, bundleDir: string): BundleManifest {
     throw new BundleError(`${bundleDir}/manifest.json: not valid JSON (${(err as Error).message})`, { cause: err });
   }
   manifest.sampler.dit.eta ??= 0;  // optional in the format
+  manifest.batchInvariant ??= false;
   return manifest;
 }

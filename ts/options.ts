@@ -29,9 +29,9 @@ export interface LoadOptions {
   /** Compute dtype; 'auto' = the bundle's dtype on CUDA, float32 on CPU. Default 'auto'. */
   dtype?: DtypeRequest;
   /**
-   * CPU threads of the model; 0 = the runtime's default (the machine's cores, at most 8). On CPU a
-   * sample runs on one thread (a lone sample's decoder on all of them), and the samples of a batch run
-   * up to `threads` at a time. Default 0.
+   * CPU threads of the model; 0 = the runtime's default (the machine's cores, at most 8). A lone
+   * image's DiT runs its CFG halves on two of them and its decoder on all; a batch runs one call per
+   * thread (one per sample for a bundle without `batchInvariant`). Default 0.
    */
   threads?: number;
   /** Most samples that concurrent generate calls with the same settings merge into one batch. Default 8. */

@@ -263,6 +263,10 @@ Manifest readManifest(const std::string& dirArg) {
   if (d.steps > d.numTrainTimesteps) fail("sampler.decoder.steps", "must not exceed sampler.decoder.numTrainTimesteps");
   m.negativeSeed = f.integer("sampler.negativeSeed", 0, (int64_t(1) << 53) - 1, "an integer in [0, 2^53)");
 
+  if (root.contains("batchInvariant")) {
+    if (!root["batchInvariant"].is_boolean()) fail("batchInvariant", "must be true or false when present");
+    m.batchInvariant = root["batchInvariant"].get<bool>();
+  }
   if (root.contains("architecture") && !root["architecture"].is_object())
     fail("architecture", "must be an object when present");
   return m;

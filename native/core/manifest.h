@@ -48,6 +48,9 @@ struct Manifest {
     std::string betaSchedule, timestepSpacing, predictionType;
   } decoder{};
   int64_t negativeSeed = 0;
+  // dit and decoder compute every sample of a call on its own (per-sample GEMMs), so any split of a
+  // batch into calls gives each sample its lone bytes (optional: false when absent)
+  bool batchInvariant = false;
 };
 
 // Reads <dir>/manifest.json and validates every field, the file paths (relative, no '..', inside

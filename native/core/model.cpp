@@ -190,7 +190,7 @@ struct Model::Impl {
   std::map<int64_t, DitGraph> ditGraphs;
   std::map<int64_t, DecodeGraph> decodeGraphs;
   std::shared_ptr<GraphStatus> graphStatus = std::make_shared<GraphStatus>();
-  // CPU only: the workers that run the per-sample calls (see groups()). Declared after the modules,
+  // CPU only: the workers that run a batch's calls (see split()). Declared after the modules,
   // so it is destroyed (its threads joined) before them.
   std::unique_ptr<WorkerPool> pool;
   CallSpans spans;
@@ -221,15 +221,21 @@ struct Model::Impl {
     return out + "]";
   }
 
-  // The sample ranges [first, first + count) that each run as one module call. On CPU one per
-  // sample: OpenBLAS GEMMs and oneDNN convolutions round a row differently depending on the batch
-  // size, so only a call shaped exactly like the one-sample call gives that sample's bytes; the
-  // pool runs them concurrently instead. On CUDA one call for the batch (a step costs about the
-  // same for any small batch there).
-  std::vector<std::pair<int64_t, int64_t>> groups(int64_t B) const {
-    if (!pool) return {{0, B}};
+  // How `rows` rows (units of `unit` rows: a sample's) are split into module calls, as [first, first + n)
+  // ranges. CUDA: one call (a step costs about the same for any small batch there). CPU, a batch-invariant
+  // bundle: the rows spread evenly over the pool's threads, one call each (a lone sample's CFG halves on
+  // two cores; a batch in a few large calls). CPU, another bundle: one call per unit, the only split that
+  // gives a sample its lone bytes there (OpenBLAS rounds a row differently depending on where it falls in
+  // a GEMM); the pool runs them concurrently.
+  std::vector<std::pair<int64_t, int64_t>> split(int64_t rows, int64_t unit) const {
+    if (!pool) return {{0, rows}};
     std::vector<std::pair<int64_t, int64_t>> out;
-    for (int64_t b = 0; b < B; ++b) out.push_back({b, 1});
+    const int64_t parts = manifest.batchInvariant ? std::min<int64_t>(rows, pool->size()) : rows / unit;
+    for (int64_t k = 0, first = 0; k < parts; ++k) {
+      const int64_t n = rows / parts + (k < rows % parts ? 1 : 0);
+      out.push_back({first, n});
+      first += n;
+    }
     return out;
   }
 
@@ -253,67 +259,86 @@ struct Model::Impl {
     return at::randn({n, 1, manifest.clipTokens, manifest.clipWidth}, gen, torch::kFloat32);
   }
 
-  // Flow-matching Euler over x [B,T,C] (float32, updated in place). Each call is a CFG pair
-  // [uncond, cond] in an input buffer reused every step; the update is in place with the same
-  // operations (and so the same bytes) as x + dsigma * (vu + cfg (vc - vu)). At guidance 1 or less
-  // the conditional branch runs alone, as in diffusers. With eta > 0 (noise: [steps - 1, B, T, C]) every
-  // step but the last goes from the prediction's clean estimate x0 = x - sigma v and noise estimate
+  // Flow-matching Euler over x [B,T,C] (float32, updated in place). The model sees CFG pairs, rows
+  // [uncond, cond] per sample, split into calls by split(); at guidance 1 or less the conditional branch
+  // runs alone, as in diffusers. The update is in place with the same operations (and so the same
+  // bytes) as x + dsigma * (vu + cfg (vc - vu)). With eta > 0 (noise: [steps - 1, B, T, C]) every step but
+  // the last goes from the prediction's clean estimate x0 = x - sigma v and noise estimate
   // x + (1 - sigma) v to (1 - sigma') x0 + sigma' (sqrt(1 - eta^2) noise estimate + eta fresh noise).
   torch::Tensor runDit(const torch::Tensor& cond, torch::Tensor x, const DitSampling& s, const torch::Tensor& noise,
                        const JobHooks& hooks, bool report, StageClock& clock) {
-    const int64_t steps = int64_t(s.timesteps.size());
+    const int64_t steps = int64_t(s.timesteps.size()), B = x.size(0), T = x.size(1), C = x.size(2);
     const bool guided = s.cfg > 1;
     const int64_t width = guided ? 2 : 1;
-    // condition: what the step reads besides x and t, prepare()'s list or the condition itself
-    struct Group { int64_t first; torch::Tensor x, in, t; torch::IValue condition; };
-    std::vector<Group> gs;
-    for (auto [first, n] : groups(x.size(0))) {
-      torch::Tensor c = cond.narrow(0, first, n);
-      gs.push_back({first, x.narrow(0, first, n), torch::empty({width * n, x.size(1), x.size(2)}, x.options().dtype(dtype)),
-                    timestepRows(s.timesteps, width * n), (guided ? torch::cat({torch::zeros_like(c), c}) : c).to(dtype)});
+    // A call: rows [first, first + n) of all B * width; its samples' x go to `in` as `spans` (sample,
+    // first row in the call, rows). condition: what the step reads besides x and t, prepare()'s list or
+    // the condition itself.
+    struct Span { int64_t sample, row, rows; };
+    struct Call { int64_t first, n; std::vector<Span> spans; torch::Tensor in, t; torch::IValue condition; };
+    std::vector<Call> calls;
+    for (auto [first, n] : split(B * width, width)) {
+      Call c{first, n};
+      std::vector<torch::Tensor> rows;
+      for (int64_t r = first; r < first + n; ++r) {
+        const int64_t b = r / width;
+        if (c.spans.empty() || c.spans.back().sample != b) c.spans.push_back({b, r - first, 0});
+        c.spans.back().rows++;
+        torch::Tensor condRow = cond.narrow(0, b, 1);
+        rows.push_back(guided && r % width == 0 ? torch::zeros_like(condRow) : condRow);
+      }
+      c.in = torch::empty({n, T, C}, x.options().dtype(dtype));
+      c.t = timestepRows(s.timesteps, n);
+      c.condition = torch::cat(rows).to(dtype);
+      calls.push_back(std::move(c));
     }
     if (ditPrepares) {
       hooks.check();
-      parallel(gs.size(), [&](int gi) { gs[gi].condition = dit.run_method("prepare", gs[gi].condition); });
+      parallel(calls.size(), [&](int ci) { calls[ci].condition = dit.run_method("prepare", calls[ci].condition); });
     }
-    // CUDA: one group; with a graph the step reads the graph's buffers, the condition copied in once.
-    DitGraph* graph = graphs ? ditGraph(gs[0].in, gs[0].t[0], gs[0].condition) : nullptr;
-    if (graph) gs[0].in = graph->in;
+    // CUDA: one call; with a graph the step reads the graph's buffers, the condition copied in once.
+    DitGraph* graph = graphs ? ditGraph(calls[0].in, calls[0].t[0], calls[0].condition) : nullptr;
+    if (graph) calls[0].in = graph->in;
+    torch::Tensor v = torch::empty({B * width, T, C}, x.options());  // the calls' velocities, row by row
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
       auto t0 = Clock::now();
-      const double dsigma = s.sigmas[i + 1] - s.sigmas[i];
-      parallel(gs.size(), [&](int gi) {
-        Group& g = gs[gi];
-        const int64_t n = g.x.size(0);
-        for (int64_t h = 0; h < width; ++h) g.in.narrow(0, h * n, n).copy_(g.x);
-        torch::Tensor out = spans.time(gi, [&] {
-          if (!graph) return ditStep(g.in, g.t[i], g.condition);
-          graph->t.copy_(g.t[i]);
+      parallel(calls.size(), [&](int ci) {
+        Call& c = calls[ci];
+        for (const Span& sp : c.spans) c.in.narrow(0, sp.row, sp.rows).copy_(x.narrow(0, sp.sample, 1).expand({sp.rows, T, C}));
+        torch::Tensor out = spans.time(ci, [&] {
+          if (!graph) return ditStep(c.in, c.t[i], c.condition);
+          graph->t.copy_(c.t[i]);
           return graph->graph->replay();
         });
-        expectShape("dit.pt", out, g.in.sizes());
-        out = out.to(torch::kFloat32);
-        torch::Tensor v = out;
-        if (guided) {
-          torch::Tensor vu = out.narrow(0, 0, n), vc = out.narrow(0, n, n);
-          v = (vc - vu).mul_(s.cfg).add_(vu);
-        }
-        if (noise.defined() && i + 1 < steps) {
-          const double sigma = s.sigmas[i], next = s.sigmas[i + 1];
-          torch::Tensor x0 = g.x - v * sigma;
-          torch::Tensor eps = (g.x + v * (1 - sigma)).mul_(std::sqrt(1 - s.eta * s.eta));
-          eps.add_(noise[i].narrow(0, g.first, n), s.eta);
-          g.x.copy_(x0.mul_(1 - next).add_(eps, next));
-        } else {
-          g.x.add_(v.mul_(dsigma));
-        }
+        expectShape("dit.pt", out, c.in.sizes());
+        v.narrow(0, c.first, c.n).copy_(out);
       });
       clock.callMs += spans.takeUnionMs();
+      // CPU: the update sample by sample, so that its elementwise bytes never depend on the batch.
+      torch::Tensor pairs = v.view({B, width, T, C});
+      for (int64_t b = 0, per = pool ? 1 : B; b < B; b += per)
+        update(x.narrow(0, b, per), pairs.narrow(0, b, per), s, i, noise, b);
       if (report && hooks.progress) hooks.progress("dit", int(i + 1), int(steps));
       clock.stepMs.push_back(msSince(t0));
     }
     return x;
+  }
+
+  // One DiT step's update of x [n,T,C] (samples first..) from their velocities [n, width, T, C]; see runDit.
+  static void update(torch::Tensor x, const torch::Tensor& pairs, const DitSampling& s, int64_t i,
+                     const torch::Tensor& noise, int64_t first) {
+    const int64_t steps = int64_t(s.timesteps.size()), n = x.size(0);
+    torch::Tensor v = pairs.select(1, 0);
+    if (pairs.size(1) == 2) v = (pairs.select(1, 1) - v).mul_(s.cfg).add_(v);
+    if (noise.defined() && i + 1 < steps) {
+      const double sigma = s.sigmas[i], next = s.sigmas[i + 1];
+      torch::Tensor x0 = x - v * sigma;
+      torch::Tensor eps = (x + v * (1 - sigma)).mul_(std::sqrt(1 - s.eta * s.eta));
+      eps.add_(noise[i].narrow(0, first, n), s.eta);
+      x.copy_(x0.mul_(1 - next).add_(eps, next));
+    } else {
+      x.add_(v.mul_(s.sigmas[i + 1] - s.sigmas[i]));
+    }
   }
 
   torch::Tensor ditStep(const torch::Tensor& in, const torch::Tensor& t, const torch::IValue& condition) {
@@ -405,7 +430,7 @@ struct Model::Impl {
     const int64_t width = guided ? 2 : 1;
     struct Group { torch::Tensor z, in, features, t; };
     std::vector<Group> gs;
-    for (auto [first, n] : groups(z.size(0))) {
+    for (auto [first, n] : split(z.size(0), 1)) {
       std::vector<int64_t> shape = z.sizes().vec();
       shape[0] = width * n;
       torch::Tensor f = features.narrow(0, first, n);
@@ -610,7 +635,7 @@ GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks
 
   stage = Clock::now();
   hooks.check();
-  auto groups = m.groups(B);
+  auto groups = m.split(B, 1);
   std::vector<torch::Tensor> images(groups.size());
   m.parallel(groups.size(), [&](int g) {
     torch::Tensor latents = (z.narrow(0, groups[g].first, groups[g].second) / mf.vaeScalingFactor).to(m.dtype);
