@@ -277,7 +277,7 @@ struct Model::Impl {
     struct Call { int64_t first, n; std::vector<Span> spans; torch::Tensor in, t; torch::IValue condition; };
     std::vector<Call> calls;
     for (auto [first, n] : split(B * width, width)) {
-      Call c{first, n};
+      Call c{first, n, {}, {}, {}, {}};
       std::vector<torch::Tensor> rows;
       for (int64_t r = first; r < first + n; ++r) {
         const int64_t b = r / width;
