@@ -140,10 +140,16 @@ t.test('queue', { skip: skipWithoutRuntime }, async (t) => {
   });
 
   t.test('a sample has the same bytes for any thread count and batch', async (t) => {
+    // also with a guided decoder: its CFG pairs are split into calls like the DiT's
+    const guided = { ...fast, decoderCfg: 2 };
+    const guidedAlone: GenerateResult[] = [];
+    for (let i = 0; i < 3; i++) guidedAlone.push(await model.generate(prompts[i], { ...guided, seed: 20 + i }));
     for (const threads of [1, 3]) {
       const other = await loadModel({ device: 'cpu', threads });
       const batch = await other.generate(prompts.slice(0, 3), { seed: 20, ...fast });
       batch.forEach((r, i) => t.ok(r.image.equals(alone[i].image), `threads ${threads}, sample ${i}`));
+      const guidedBatch = await other.generate(prompts.slice(0, 3), { ...guided, seed: 20 });
+      guidedBatch.forEach((r, i) => t.ok(r.image.equals(guidedAlone[i].image), `guided decoder, threads ${threads}, sample ${i}`));
       await other.dispose();
     }
   });

@@ -251,6 +251,60 @@ struct Model::Impl {
     return torch::tensor(t, torch::kFloat32).unsqueeze(1).expand({-1, n}).contiguous().to(device);
   }
 
+  // A denoising loop's module calls. Its rows are CFG pairs, sample-major (`width` rows per sample),
+  // split into calls by split(); a call's input is filled from its samples' rows by `spans` (sample,
+  // first row in the call, rows), and each step's outputs land row by row in one buffer.
+  struct Span { int64_t sample, row, rows; };
+  struct RowCall { int64_t first, n; std::vector<Span> spans; torch::Tensor in, t; torch::IValue condition; };
+
+  // The calls over B samples of rows shaped like `sample` [1, ...]; condition(b, h) is row (b, h)'s
+  // condition [1, ...]; t: the loop's timesteps for the call's rows.
+  std::vector<RowCall> rowCalls(const torch::Tensor& sample, int64_t B, int64_t width, const std::vector<double>& timesteps,
+                                const std::function<torch::Tensor(int64_t, int64_t)>& condition) const {
+    std::vector<RowCall> calls;
+    for (auto [first, n] : split(B * width, width)) {
+      RowCall c{first, n, {}, {}, {}, {}};
+      std::vector<torch::Tensor> rows;
+      for (int64_t r = first; r < first + n; ++r) {
+        const int64_t b = r / width;
+        if (c.spans.empty() || c.spans.back().sample != b) c.spans.push_back({b, r - first, 0});
+        c.spans.back().rows++;
+        rows.push_back(condition(b, r % width));
+      }
+      std::vector<int64_t> shape = sample.sizes().vec();
+      shape[0] = n;
+      c.in = torch::empty(shape, sample.options().dtype(dtype));
+      c.t = timestepRows(timesteps, n);
+      c.condition = torch::cat(rows).to(dtype);
+      calls.push_back(std::move(c));
+    }
+    return calls;
+  }
+
+  // One step of a loop: each call's input filled from `source` [B, ...], run by `run`, its output
+  // checked and copied to its rows of `out` [B * width, ...] (float32).
+  void stepCalls(std::vector<RowCall>& calls, const torch::Tensor& source, torch::Tensor& out, const char* file,
+                 const std::function<torch::Tensor(RowCall&)>& run, bool widen, StageClock& clock) {
+    parallel(calls.size(), [&](int ci) {
+      RowCall& c = calls[ci];
+      for (const Span& sp : c.spans) {
+        std::vector<int64_t> shape = source.sizes().vec();
+        shape[0] = sp.rows;
+        c.in.narrow(0, sp.row, sp.rows).copy_(source.narrow(0, sp.sample, 1).expand(shape));
+      }
+      torch::Tensor o = spans.time(ci, [&] { return run(c); });
+      expectShape(file, o, c.in.sizes());
+      out.narrow(0, c.first, c.n).copy_(o);
+    }, widen);
+    clock.callMs += spans.takeUnionMs();
+  }
+
+  // The update after a step, over [first, first + n) sample ranges: one sample at a time on CPU, so
+  // that its elementwise bytes never depend on the batch; the whole batch on CUDA.
+  void eachSample(int64_t B, const std::function<void(int64_t, int64_t)>& update) const {
+    for (int64_t b = 0, per = pool ? 1 : B; b < B; b += per) update(b, per);
+  }
+
   // The fresh noise of a stochastic DiT loop (eta > 0): one [1,T,C] draw per step but the last, from
   // the sample's generator right after its initial noise; undefined for the deterministic loop.
   torch::Tensor stepNoise(at::Generator& gen, const DitSampling& s) const {
@@ -259,38 +313,22 @@ struct Model::Impl {
     return at::randn({n, 1, manifest.clipTokens, manifest.clipWidth}, gen, torch::kFloat32);
   }
 
-  // Flow-matching Euler over x [B,T,C] (float32, updated in place). The model sees CFG pairs, rows
-  // [uncond, cond] per sample, split into calls by split(); at guidance 1 or less the conditional branch
-  // runs alone, as in diffusers. The update is in place with the same operations (and so the same
-  // bytes) as x + dsigma * (vu + cfg (vc - vu)). With eta > 0 (noise: [steps - 1, B, T, C]) every step but
-  // the last goes from the prediction's clean estimate x0 = x - sigma v and noise estimate
-  // x + (1 - sigma) v to (1 - sigma') x0 + sigma' (sqrt(1 - eta^2) noise estimate + eta fresh noise).
+  // Flow-matching Euler over x [B,T,C] (float32, updated in place); CFG pairs [uncond, cond] per sample
+  // (see rowCalls); at guidance 1 or less the conditional branch runs alone, as in diffusers. The
+  // update is in place with the same operations (and so the same bytes) as x + dsigma * (vu + cfg (vc - vu)).
+  // With eta > 0 (noise: [steps - 1, B, T, C]) every step but the last goes from the prediction's clean
+  // estimate x0 = x - sigma v and noise estimate x + (1 - sigma) v to
+  // (1 - sigma') x0 + sigma' (sqrt(1 - eta^2) noise estimate + eta fresh noise).
   torch::Tensor runDit(const torch::Tensor& cond, torch::Tensor x, const DitSampling& s, const torch::Tensor& noise,
                        const JobHooks& hooks, bool report, StageClock& clock) {
-    const int64_t steps = int64_t(s.timesteps.size()), B = x.size(0), T = x.size(1), C = x.size(2);
+    const int64_t steps = int64_t(s.timesteps.size()), B = x.size(0);
     const bool guided = s.cfg > 1;
     const int64_t width = guided ? 2 : 1;
-    // A call: rows [first, first + n) of all B * width; its samples' x go to `in` as `spans` (sample,
-    // first row in the call, rows). condition: what the step reads besides x and t, prepare()'s list or
-    // the condition itself.
-    struct Span { int64_t sample, row, rows; };
-    struct Call { int64_t first, n; std::vector<Span> spans; torch::Tensor in, t; torch::IValue condition; };
-    std::vector<Call> calls;
-    for (auto [first, n] : split(B * width, width)) {
-      Call c{first, n, {}, {}, {}, {}};
-      std::vector<torch::Tensor> rows;
-      for (int64_t r = first; r < first + n; ++r) {
-        const int64_t b = r / width;
-        if (c.spans.empty() || c.spans.back().sample != b) c.spans.push_back({b, r - first, 0});
-        c.spans.back().rows++;
-        torch::Tensor condRow = cond.narrow(0, b, 1);
-        rows.push_back(guided && r % width == 0 ? torch::zeros_like(condRow) : condRow);
-      }
-      c.in = torch::empty({n, T, C}, x.options().dtype(dtype));
-      c.t = timestepRows(s.timesteps, n);
-      c.condition = torch::cat(rows).to(dtype);
-      calls.push_back(std::move(c));
-    }
+    // A call's condition: what the step reads besides x and t, prepare()'s list or the condition itself.
+    auto calls = rowCalls(x.narrow(0, 0, 1), B, width, s.timesteps, [&](int64_t b, int64_t h) {
+      torch::Tensor c = cond.narrow(0, b, 1);
+      return guided && h == 0 ? torch::zeros_like(c) : c;
+    });
     if (ditPrepares) {
       hooks.check();
       parallel(calls.size(), [&](int ci) { calls[ci].condition = dit.run_method("prepare", calls[ci].condition); });
@@ -298,26 +336,19 @@ struct Model::Impl {
     // CUDA: one call; with a graph the step reads the graph's buffers, the condition copied in once.
     DitGraph* graph = graphs ? ditGraph(calls[0].in, calls[0].t[0], calls[0].condition) : nullptr;
     if (graph) calls[0].in = graph->in;
-    torch::Tensor v = torch::empty({B * width, T, C}, x.options());  // the calls' velocities, row by row
+    std::vector<int64_t> rows = x.sizes().vec();
+    rows[0] = B * width;
+    torch::Tensor v = torch::empty(rows, x.options());
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
       auto t0 = Clock::now();
-      parallel(calls.size(), [&](int ci) {
-        Call& c = calls[ci];
-        for (const Span& sp : c.spans) c.in.narrow(0, sp.row, sp.rows).copy_(x.narrow(0, sp.sample, 1).expand({sp.rows, T, C}));
-        torch::Tensor out = spans.time(ci, [&] {
-          if (!graph) return ditStep(c.in, c.t[i], c.condition);
-          graph->t.copy_(c.t[i]);
-          return graph->graph->replay();
-        });
-        expectShape("dit.pt", out, c.in.sizes());
-        v.narrow(0, c.first, c.n).copy_(out);
-      });
-      clock.callMs += spans.takeUnionMs();
-      // CPU: the update sample by sample, so that its elementwise bytes never depend on the batch.
-      torch::Tensor pairs = v.view({B, width, T, C});
-      for (int64_t b = 0, per = pool ? 1 : B; b < B; b += per)
-        update(x.narrow(0, b, per), pairs.narrow(0, b, per), s, i, noise, b);
+      stepCalls(calls, x, v, "dit.pt", [&](RowCall& c) {
+        if (!graph) return ditStep(c.in, c.t[i], c.condition);
+        graph->t.copy_(c.t[i]);
+        return graph->graph->replay();
+      }, false, clock);
+      torch::Tensor pairs = v.view({B, width, x.size(1), x.size(2)});
+      eachSample(B, [&](int64_t b, int64_t n) { update(x.narrow(0, b, n), pairs.narrow(0, b, n), s, i, noise, b); });
       if (report && hooks.progress) hooks.progress("dit", int(i + 1), int(steps));
       clock.stepMs.push_back(msSince(t0));
     }
@@ -421,51 +452,41 @@ struct Model::Impl {
   }
 
   // Euler discrete (k-diffusion form) over z [B,c,h,w] (float32, updated in place); CFG pairs
-  // [cond, negative], the features half of the input built once; no negative at guidance 1 or less.
+  // [cond, negative] per sample (see rowCalls), no negative at guidance 1 or less.
   void runDecoder(const torch::Tensor& features, torch::Tensor& z, const GenerateRequest& req, const JobHooks& hooks,
                   StageClock& clock) {
-    const int64_t steps = int64_t(req.decoderTimesteps.size());
-    const std::string& prediction = manifest.decoder.predictionType;
+    const int64_t steps = int64_t(req.decoderTimesteps.size()), B = z.size(0);
     const bool guided = req.decoderCfg > 1;
     const int64_t width = guided ? 2 : 1;
-    struct Group { torch::Tensor z, in, features, t; };
-    std::vector<Group> gs;
-    for (auto [first, n] : split(z.size(0), 1)) {
-      std::vector<int64_t> shape = z.sizes().vec();
-      shape[0] = width * n;
-      torch::Tensor f = features.narrow(0, first, n);
-      gs.push_back({z.narrow(0, first, n), torch::empty(shape, z.options().dtype(dtype)),
-                    (guided ? torch::cat({f, negative.expand({n, -1, -1})}) : f).to(dtype),
-                    timestepRows(req.decoderTimesteps, width * n)});
-    }
+    auto calls = rowCalls(z.narrow(0, 0, 1), B, width, req.decoderTimesteps,
+                          [&](int64_t b, int64_t h) { return h == 0 ? features.narrow(0, b, 1) : negative; });
+    std::vector<int64_t> rows = z.sizes().vec();
+    rows[0] = B * width;
+    torch::Tensor o = torch::empty(rows, z.options());
+    rows.insert(rows.begin() + 1, width);
+    rows[0] = B;
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
       auto t0 = Clock::now();
       const double s = req.decoderSigmas[i], dsigma = req.decoderSigmas[i + 1] - s;
-      auto step = [&](int gi) {
-        Group& g = gs[gi];
-        const int64_t n = g.z.size(0);
-        torch::Tensor zin = g.z / std::sqrt(s * s + 1);
-        for (int64_t h = 0; h < width; ++h) g.in.narrow(0, h * n, n).copy_(zin);
-        torch::Tensor o = spans.time(gi, [&] { return call(decoder, {g.in, g.t[i], g.features}); });
-        expectShape("decoder.pt", o, g.in.sizes());
-        o = o.to(torch::kFloat32);
-        torch::Tensor out = o;
+      stepCalls(calls, z / std::sqrt(s * s + 1), o, "decoder.pt",
+                [&](RowCall& c) { return call(decoder, {c.in, c.t[i], c.condition}); }, decoderWidens, clock);
+      torch::Tensor pairs = o.view(rows);
+      eachSample(B, [&](int64_t b, int64_t n) {
+        torch::Tensor x = z.narrow(0, b, n), out = pairs.narrow(0, b, n).select(1, 0);
         if (guided) {
-          torch::Tensor oc = o.narrow(0, 0, n), on = o.narrow(0, n, n);
-          out = (oc - on).mul_(req.decoderCfg).add_(on);  // on + cfg (oc - on)
+          torch::Tensor negativeOut = pairs.narrow(0, b, n).select(1, 1);
+          out = (out - negativeOut).mul_(req.decoderCfg).add_(negativeOut);  // negative + cfg (cond - negative)
         }
         torch::Tensor denoised;
-        if (prediction == "epsilon")
-          denoised = g.z - out.mul_(s);
-        else if (prediction == "sample")
+        if (manifest.decoder.predictionType == "epsilon")
+          denoised = x - out.mul_(s);
+        else if (manifest.decoder.predictionType == "sample")
           denoised = out;
         else  // v_prediction
-          denoised = out * (-s / std::sqrt(s * s + 1)) + g.z / (s * s + 1);
-        g.z.add_(((g.z - denoised) / s).mul_(dsigma));
-      };
-      parallel(gs.size(), step, decoderWidens);
-      clock.callMs += spans.takeUnionMs();
+          denoised = out * (-s / std::sqrt(s * s + 1)) + x / (s * s + 1);
+        x.add_(((x - denoised) / s).mul_(dsigma));
+      });
       if (hooks.progress) hooks.progress("decoder", int(i + 1), int(steps));
       clock.stepMs.push_back(msSince(t0));
     }
