@@ -46,8 +46,8 @@ const modelOptionsHelp = `  --model DIR               bundle directory (default:
   --device auto|cpu|cuda    device (default auto: CUDA when available)
   --dtype auto|float32|bfloat16|float16
                             compute dtype (default auto)
-  --threads N               CPU threads: samples computed at once, one core
-                            each (a lone sample's decoder uses them all);
+  --threads N               CPU threads: a lone image's CFG halves and decoder
+                            use them all, a batch runs one call per thread;
                             0 = the number of cores, at most 8 (default 0)
   --no-cuda-graphs          CUDA: run every DiT and decode step eagerly instead of
                             replaying CUDA graphs`;

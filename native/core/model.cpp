@@ -281,8 +281,15 @@ struct Model::Impl {
     return calls;
   }
 
+  // The outputs of a loop's step, [B, width, ...] float32 for samples shaped like `sample` [B, ...].
+  static torch::Tensor pairOutputs(const torch::Tensor& sample, int64_t width) {
+    std::vector<int64_t> shape = sample.sizes().vec();
+    shape.insert(shape.begin() + 1, width);
+    return torch::empty(shape, sample.options());
+  }
+
   // One step of a loop: each call's input filled from `source` [B, ...], run by `run`, its output
-  // checked and copied to its rows of `out` [B * width, ...] (float32).
+  // checked and copied to its rows of `out` [B, width, ...] (pairOutputs).
   void stepCalls(std::vector<RowCall>& calls, const torch::Tensor& source, torch::Tensor& out, const char* file,
                  const std::function<torch::Tensor(RowCall&)>& run, bool widen, StageClock& clock) {
     parallel(calls.size(), [&](int ci) {
@@ -294,7 +301,7 @@ struct Model::Impl {
       }
       torch::Tensor o = spans.time(ci, [&] { return run(c); });
       expectShape(file, o, c.in.sizes());
-      out.narrow(0, c.first, c.n).copy_(o);
+      out.flatten(0, 1).narrow(0, c.first, c.n).copy_(o);
     }, widen);
     clock.callMs += spans.takeUnionMs();
   }
@@ -336,18 +343,15 @@ struct Model::Impl {
     // CUDA: one call; with a graph the step reads the graph's buffers, the condition copied in once.
     DitGraph* graph = graphs ? ditGraph(calls[0].in, calls[0].t[0], calls[0].condition) : nullptr;
     if (graph) calls[0].in = graph->in;
-    std::vector<int64_t> rows = x.sizes().vec();
-    rows[0] = B * width;
-    torch::Tensor v = torch::empty(rows, x.options());
+    torch::Tensor pairs = pairOutputs(x, width);  // the velocities
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
       auto t0 = Clock::now();
-      stepCalls(calls, x, v, "dit.pt", [&](RowCall& c) {
+      stepCalls(calls, x, pairs, "dit.pt", [&](RowCall& c) {
         if (!graph) return ditStep(c.in, c.t[i], c.condition);
         graph->t.copy_(c.t[i]);
         return graph->graph->replay();
       }, false, clock);
-      torch::Tensor pairs = v.view({B, width, x.size(1), x.size(2)});
       eachSample(B, [&](int64_t b, int64_t n) { update(x.narrow(0, b, n), pairs.narrow(0, b, n), s, i, noise, b); });
       if (report && hooks.progress) hooks.progress("dit", int(i + 1), int(steps));
       clock.stepMs.push_back(msSince(t0));
@@ -460,18 +464,13 @@ struct Model::Impl {
     const int64_t width = guided ? 2 : 1;
     auto calls = rowCalls(z.narrow(0, 0, 1), B, width, req.decoderTimesteps,
                           [&](int64_t b, int64_t h) { return h == 0 ? features.narrow(0, b, 1) : negative; });
-    std::vector<int64_t> rows = z.sizes().vec();
-    rows[0] = B * width;
-    torch::Tensor o = torch::empty(rows, z.options());
-    rows.insert(rows.begin() + 1, width);
-    rows[0] = B;
+    torch::Tensor pairs = pairOutputs(z, width);  // the model's outputs
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
       auto t0 = Clock::now();
       const double s = req.decoderSigmas[i], dsigma = req.decoderSigmas[i + 1] - s;
-      stepCalls(calls, z / std::sqrt(s * s + 1), o, "decoder.pt",
+      stepCalls(calls, z / std::sqrt(s * s + 1), pairs, "decoder.pt",
                 [&](RowCall& c) { return call(decoder, {c.in, c.t[i], c.condition}); }, decoderWidens, clock);
-      torch::Tensor pairs = o.view(rows);
       eachSample(B, [&](int64_t b, int64_t n) {
         torch::Tensor x = z.narrow(0, b, n), out = pairs.narrow(0, b, n).select(1, 0);
         if (guided) {
