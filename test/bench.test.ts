@@ -43,6 +43,8 @@ t.test('bench --quick with the Python reference', { skip }, async (t) => {
   }
   for (const key of ['concurrentMs', 'sequentialMs', 'speedup'] as const) finite(latest.queue?.[key], `queue.${key}`);
   t.equal(latest.queue?.requests, 8);
+  t.equal(latest.queue?.roundSpeedups.length, latest.queue?.rounds, 'one ratio per queue round');
+  t.equal(latest.queue?.speedup, median(latest.queue?.roundSpeedups ?? []), "the speedup is the median of the rounds' ratios");
   t.equal(latest.queue?.identical, true, 'the queue gives the images of sequential requests');
   for (const stage of ['condition', 'dit', 'decoder', 'vae'] as const) {
     finite(latest.stages[stage].nativeMs, `stages.${stage}.nativeMs`);

@@ -144,10 +144,14 @@ t.test('queue', { skip: skipWithoutRuntime }, async (t) => {
     const guided = { ...fast, decoderCfg: 2 };
     const guidedAlone: GenerateResult[] = [];
     for (let i = 0; i < 3; i++) guidedAlone.push(await model.generate(prompts[i], { ...guided, seed: 20 + i }));
-    for (const threads of [1, 3]) {
+    // six samples: 12 DiT rows, more than one call of at most 4 rows per thread
+    const six = [...prompts, ...prompts.slice(0, 2)];
+    const sixAlone = [...alone];
+    for (let i = 4; i < 6; i++) sixAlone.push(await model.generate(six[i], { seed: 20 + i, ...fast }));
+    for (const threads of [1, 2, 3]) {
       const other = await loadModel({ device: 'cpu', threads });
-      const batch = await other.generate(prompts.slice(0, 3), { seed: 20, ...fast });
-      batch.forEach((r, i) => t.ok(r.image.equals(alone[i].image), `threads ${threads}, sample ${i}`));
+      const batch = await other.generate(six, { seed: 20, ...fast });
+      batch.forEach((r, i) => t.ok(r.image.equals(sixAlone[i].image), `threads ${threads}, sample ${i}`));
       const guidedBatch = await other.generate(prompts.slice(0, 3), { ...guided, seed: 20 });
       guidedBatch.forEach((r, i) => t.ok(r.image.equals(guidedAlone[i].image), `guided decoder, threads ${threads}, sample ${i}`));
       await other.dispose();

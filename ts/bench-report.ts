@@ -99,7 +99,7 @@ function throughputLines(r: BenchReport): string[] {
     `| ${q.requests} requests at once (request queue) | ${ms(q.concurrentMs)} | ${num((q.requests * 1000) / q.concurrentMs)} |`,
     `| ${q.requests} requests one after another | ${ms(q.sequentialMs)} | ${num((q.requests * 1000) / q.sequentialMs)} |`,
     '',
-    `Request queue speedup: ${num(q.speedup)}x (same images as sequential: ${q.identical ? 'yes' : 'NO'}). Medians of ${q.rounds} rounds; a queue round runs the ${q.requests} requests at once, then one after another.`,
+    `Request queue speedup: ${num(q.speedup)}x (same images as sequential: ${q.identical ? 'yes' : 'NO'}), the median of ${q.rounds} rounds' ratios (${q.roundSpeedups.map((x) => num(x)).join(', ')}); a round runs the ${q.requests} requests at once and one after another, in alternating order. Times are medians of ${q.rounds} rounds.`,
     '',
   ];
 }

@@ -96,8 +96,9 @@ export interface BenchReport {
   images: { native: { width: number; height: number }; python: { width: number; height: number } | null };
   /** Empty, and queue null, when throughput was not measured. */
   throughput: { batch: number; ms: number; imagesPerSec: number }[];
-  /** rounds: the throughput and queue medians are over this many rounds (the queue's alternating). */
-  queue: { requests: number; rounds: number; concurrentMs: number; sequentialMs: number; speedup: number; identical: boolean } | null;
+  /** rounds: the throughput and queue times are medians of this many rounds; speedup is the median of
+   * the queue rounds' own ratios (roundSpeedups), each round timing both orders alternately. */
+  queue: { requests: number; rounds: number; concurrentMs: number; sequentialMs: number; speedup: number; roundSpeedups: number[]; identical: boolean } | null;
   understanding: { promptTokens: number; generatedTokens: number; prefillMs: number; decodeMs: number; decodeTokensPerSec: number };
   memory: { peakRssMb: number; pythonPeakRssMb: number | null; peakCudaMb: number | null; pythonPeakCudaMb: number | null };
 }
@@ -351,28 +352,46 @@ async function batchThroughput(model: Blip3oModel, settings: Settings, reps: num
   return throughput;
 }
 
-/** The request queue: the same 8 single-prompt requests at once (merged into batches) and one after another. */
+/**
+ * The request queue: the same 8 single-prompt requests at once (merged into batches) and one after another.
+ * Each round times both, in alternating order, and the speedup is the median of the rounds' own ratios:
+ * the host's speed drifts over seconds, and a ratio within one round compares like with like.
+ */
 async function queueThroughput(model: Blip3oModel, settings: Settings, reps: number, log: Log): Promise<BenchReport['queue']> {
   const request = (index: number): Promise<GenerateResult> => model.generate(prompts[index], { seed: baseSeed + index, ...settings });
   const indices = [...Array(queueRequests).keys()];
   const concurrentMs: number[] = [];
   const sequentialMs: number[] = [];
+  const ratios: number[] = [];
   let identical = true;
-  await Promise.all(indices.map(request)); // warm-up
-  for (let rep = 0; rep < reps; rep++) {
-    const concurrent = await timed(() => Promise.all(indices.map(request)));
-    const sequential = await timed(async () => {
+  const atOnce = () => timed(() => Promise.all(indices.map(request)));
+  const oneByOne = () =>
+    timed(async () => {
       const out: GenerateResult[] = [];
       for (const index of indices) out.push(await request(index));
       return out;
     });
+  await Promise.all(indices.map(request)); // warm-up
+  for (let rep = 0; rep < reps; rep++) {
+    const concurrentFirst = rep % 2 === 0;
+    const first = concurrentFirst ? await atOnce() : await oneByOne();
+    const second = concurrentFirst ? await oneByOne() : await atOnce();
+    const [concurrent, sequential] = concurrentFirst ? [first, second] : [second, first];
     concurrentMs.push(concurrent.ms);
     sequentialMs.push(sequential.ms);
+    ratios.push(sequential.ms / concurrent.ms);
     identical &&= concurrent.value.every((r, index) => r.image.equals(sequential.value[index].image));
   }
-  const queue = { requests: queueRequests, rounds: reps, concurrentMs: median(concurrentMs), sequentialMs: median(sequentialMs), speedup: 0, identical };
-  queue.speedup = queue.sequentialMs / queue.concurrentMs;
-  log(`queue: ${queueRequests} requests concurrent ${queue.concurrentMs.toFixed(0)} ms, sequential ${queue.sequentialMs.toFixed(0)} ms`);
+  const queue = {
+    requests: queueRequests,
+    rounds: reps,
+    concurrentMs: median(concurrentMs),
+    sequentialMs: median(sequentialMs),
+    speedup: median(ratios),
+    roundSpeedups: ratios,
+    identical,
+  };
+  log(`queue: ${queueRequests} requests concurrent ${queue.concurrentMs.toFixed(0)} ms, sequential ${queue.sequentialMs.toFixed(0)} ms, speedup ${queue.speedup.toFixed(2)}x`);
   return queue;
 }
 

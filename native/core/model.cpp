@@ -48,6 +48,10 @@ torch::ScalarType scalarType(const std::string& name) {
 // Eager calls before a capture: lazy initialisation (library handles, workspaces, kernel choices)
 // must not happen inside it.
 constexpr int kWarmupCalls = 3;
+// CPU: the most rows in one DiT call of a batch. Past 4 rows the bundled DiT's step costs more per row,
+// not less: a batch of 8 images on two threads took 1177-1427 ms in its DiT loop as four calls of 4 rows,
+// against 1266-1493 ms as two of 8 (same bytes; see the README's Performance section).
+constexpr int64_t kDitCallRows = 4;
 
 const char* const kBackboneMethods[] = {"condition", "embed", "encode_image", "new_cache", "prefill", "decode"};
 
@@ -224,13 +228,16 @@ struct Model::Impl {
   // How `rows` rows (units of `unit` rows: a sample's) are split into module calls, as [first, first + n)
   // ranges. CUDA: one call (a step costs about the same for any small batch there). CPU, a batch-invariant
   // bundle: the rows spread evenly over the pool's threads, one call each (a lone sample's CFG halves on
-  // two cores; a batch in a few large calls). CPU, another bundle: one call per unit, the only split that
+  // two cores; a batch in a few large calls), or a multiple of the threads where that keeps every call
+  // within `maxRows` rows (0: no limit). CPU, another bundle: one call per unit, the only split that
   // gives a sample its lone bytes there (OpenBLAS rounds a row differently depending on where it falls in
   // a GEMM); the pool runs them concurrently.
-  std::vector<std::pair<int64_t, int64_t>> split(int64_t rows, int64_t unit) const {
+  std::vector<std::pair<int64_t, int64_t>> split(int64_t rows, int64_t unit, int64_t maxRows = 0) const {
     if (!pool) return {{0, rows}};
     std::vector<std::pair<int64_t, int64_t>> out;
-    const int64_t parts = manifest.batchInvariant ? std::min<int64_t>(rows, pool->size()) : rows / unit;
+    int64_t parts = manifest.batchInvariant ? std::min<int64_t>(rows, pool->size()) : rows / unit;
+    if (manifest.batchInvariant && maxRows > 0)
+      while (parts < rows && (rows + parts - 1) / parts > maxRows) parts = std::min(rows, parts + pool->size());
     for (int64_t k = 0, first = 0; k < parts; ++k) {
       const int64_t n = rows / parts + (k < rows % parts ? 1 : 0);
       out.push_back({first, n});
@@ -257,12 +264,13 @@ struct Model::Impl {
   struct Span { int64_t sample, row, rows; };
   struct RowCall { int64_t first, n; std::vector<Span> spans; torch::Tensor in, t; torch::IValue condition; };
 
-  // The calls over B samples of rows shaped like `sample` [1, ...]; condition(b, h) is row (b, h)'s
-  // condition [1, ...]; t: the loop's timesteps for the call's rows.
-  std::vector<RowCall> rowCalls(const torch::Tensor& sample, int64_t B, int64_t width, const std::vector<double>& timesteps,
+  // The calls over B samples of rows shaped like `sample` [1, ...], at most maxRows rows each (see split);
+  // condition(b, h) is row (b, h)'s condition [1, ...]; t: the loop's timesteps for the call's rows.
+  std::vector<RowCall> rowCalls(const torch::Tensor& sample, int64_t B, int64_t width, int64_t maxRows,
+                                const std::vector<double>& timesteps,
                                 const std::function<torch::Tensor(int64_t, int64_t)>& condition) const {
     std::vector<RowCall> calls;
-    for (auto [first, n] : split(B * width, width)) {
+    for (auto [first, n] : split(B * width, width, maxRows)) {
       RowCall c{first, n, {}, {}, {}, {}};
       std::vector<torch::Tensor> rows;
       for (int64_t r = first; r < first + n; ++r) {
@@ -332,7 +340,7 @@ struct Model::Impl {
     const bool guided = s.cfg > 1;
     const int64_t width = guided ? 2 : 1;
     // A call's condition: what the step reads besides x and t, prepare()'s list or the condition itself.
-    auto calls = rowCalls(x.narrow(0, 0, 1), B, width, s.timesteps, [&](int64_t b, int64_t h) {
+    auto calls = rowCalls(x.narrow(0, 0, 1), B, width, kDitCallRows, s.timesteps, [&](int64_t b, int64_t h) {
       torch::Tensor c = cond.narrow(0, b, 1);
       return guided && h == 0 ? torch::zeros_like(c) : c;
     });
@@ -462,7 +470,7 @@ struct Model::Impl {
     const int64_t steps = int64_t(req.decoderTimesteps.size()), B = z.size(0);
     const bool guided = req.decoderCfg > 1;
     const int64_t width = guided ? 2 : 1;
-    auto calls = rowCalls(z.narrow(0, 0, 1), B, width, req.decoderTimesteps,
+    auto calls = rowCalls(z.narrow(0, 0, 1), B, width, 0, req.decoderTimesteps,
                           [&](int64_t b, int64_t h) { return h == 0 ? features.narrow(0, b, 1) : negative; });
     torch::Tensor pairs = pairOutputs(z, width);  // the model's outputs
     for (int64_t i = 0; i < steps; ++i) {
