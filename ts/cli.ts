@@ -47,7 +47,7 @@ const modelOptionsHelp = `  --model DIR               bundle directory (default:
   --dtype auto|float32|bfloat16|float16
                             compute dtype (default auto)
   --threads N               CPU threads: a lone image's CFG halves and decoder
-                            use them all, a batch runs one call per thread;
+                            use them all, a batch spreads its calls over them;
                             0 = the number of cores, at most 8 (default 0)
   --no-cuda-graphs          CUDA: run every DiT and decode step eagerly instead of
                             replaying CUDA graphs`;

@@ -31,8 +31,8 @@ export interface LoadOptions {
   /**
    * CPU threads of the model; 0 = the runtime's default (the machine's cores, at most 8). A lone
    * image's CFG pairs (DiT, guided decoder) run as two one-row calls on two of them, an unguided
-   * decoder's one call on all; a batch runs one call per thread (one per sample for a bundle without
-   * `batchInvariant`). Default 0.
+   * decoder's one call on all while that measures faster than on one; a batch spreads its calls over
+   * them (one per sample for a bundle without `batchInvariant`). Default 0.
    */
   threads?: number;
   /** Most samples that concurrent generate calls with the same settings merge into one batch. Default 8. */

@@ -184,6 +184,7 @@ struct Model::Impl {
   bool ditPrepares = false;  // dit.pt has prepare() + step(): the condition's share is computed once per loop
   // CPU, float32: a lone sample's decoder and VAE calls run on every pool thread (see bindConvolutions)
   bool decoderWidens = false, vaeWidens = false;
+  WidenChoice decoderWidening;  // a lone unguided decoder call: widened or on one thread
   torch::Tensor negative;  // [1, clip tokens, clip width] float32; set by prepareNegative
   // CUDA graphs (LoadOptions::cudaGraphs on CUDA), captured at the first use of each shape: the DiT
   // step by its rows, the decode step by its KV-cache length. A loop whose capture failed stays eager.
@@ -473,12 +474,17 @@ struct Model::Impl {
     auto calls = rowCalls(z.narrow(0, 0, 1), B, width, 0, req.decoderTimesteps,
                           [&](int64_t b, int64_t h) { return h == 0 ? features.narrow(0, b, 1) : negative; });
     torch::Tensor pairs = pairOutputs(z, width);  // the model's outputs
+    // one call that could use every pool thread (see WidenChoice)
+    const bool lone = decoderWidens && calls.size() == 1 && pool && pool->size() > 1;
     for (int64_t i = 0; i < steps; ++i) {
       hooks.check();
       auto t0 = Clock::now();
       const double s = req.decoderSigmas[i], dsigma = req.decoderSigmas[i + 1] - s;
+      const bool widen = lone && decoderWidening.next();
+      auto c0 = Clock::now();
       stepCalls(calls, z / std::sqrt(s * s + 1), pairs, "decoder.pt",
-                [&](RowCall& c) { return call(decoder, {c.in, c.t[i], c.condition}); }, decoderWidens, clock);
+                [&](RowCall& c) { return call(decoder, {c.in, c.t[i], c.condition}); }, widen, clock);
+      if (lone) decoderWidening.record(widen, msSince(c0));
       eachSample(B, [&](int64_t b, int64_t n) {
         torch::Tensor x = z.narrow(0, b, n), out = pairs.narrow(0, b, n).select(1, 0);
         if (guided) {

@@ -108,4 +108,19 @@ void WorkerPool::loop() {
   }
 }
 
+bool WidenChoice::next() {
+  ++calls_;
+  if (count_[1] < 2) return true;
+  if (count_[0] < 2) return false;
+  const bool best = ms_[1] <= ms_[0];
+  return calls_ % kExplore == 0 ? !best : best;
+}
+
+void WidenChoice::record(bool widened, double ms) {
+  const int64_t n = ++count_[widened];
+  double& avg = ms_[widened];
+  if (n == 2) avg = ms;
+  if (n > 2) avg += 0.5 * (ms - avg);
+}
+
 }  // namespace blip3o

@@ -49,4 +49,23 @@ class WorkerPool {
   std::vector<std::thread> threads_;
 };
 
+// Whether a lone call that may run widened (WorkerPool::run's `widen`) should, learned from the calls'
+// own times. Widening pays on idle cores (the bundled decoder's step: 17-19 against 21-22 ms on one
+// thread) and loses badly when another process holds a core: OpenMP's threads wait for each other at
+// every parallel region (with one core busy elsewhere: 63-77 against 20-21 ms). The bytes are the same
+// either way. Each mode runs twice (the first call of each warms its kernels up and is not counted),
+// then the faster by moving average, and the other once every kExplore calls, to follow a change in
+// load. Not thread-safe: one caller (the executor thread).
+class WidenChoice {
+ public:
+  static constexpr int64_t kExplore = 32;
+  bool next();
+  void record(bool widened, double ms);
+
+ private:
+  double ms_[2] = {0, 0};
+  int64_t count_[2] = {0, 0};
+  int64_t calls_ = 0;
+};
+
 }  // namespace blip3o
