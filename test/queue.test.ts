@@ -158,6 +158,16 @@ t.test('queue', { skip: skipWithoutRuntime }, async (t) => {
     }
   });
 
+  t.test('a lone image keeps its bytes whether its decoder runs on every thread or on one', async (t) => {
+    // The model tries both to learn which is faster (WidenChoice): alone[0] was its first image, whose
+    // decoder steps ran widened; by now it runs the faster mode and the other now and then.
+    const first = alone[0];
+    for (let i = 0; i < 14; i++) {
+      const again = await model.generate(prompts[0], { seed: 20, ...fast });
+      t.ok(again.image.equals(first.image), `image ${i}`);
+    }
+  });
+
   t.test('a bundle that does not say batchInvariant runs one call per sample, with the same bytes', async (t) => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'blip3o-queue-'));
     t.teardown(() => rmSync(dir, { recursive: true, force: true }));

@@ -109,18 +109,29 @@ void WorkerPool::loop() {
 }
 
 bool WidenChoice::next() {
-  ++calls_;
-  if (count_[1] < 2) return true;
-  if (count_[0] < 2) return false;
-  const bool best = ms_[1] <= ms_[0];
-  return calls_ % kExplore == 0 ? !best : best;
+  if (count_[1] <= kWindow) return true;
+  if (count_[0] <= kWindow) return false;
+  const bool best = median(true) <= median(false);
+  if (best != best_) {
+    best_ = best;
+    interval_ = kMinExplore;
+    since_ = 0;
+  }
+  if (++since_ < interval_) return best;
+  since_ = 0;
+  interval_ = std::min(interval_ * 2, kMaxExplore);
+  return !best;
 }
 
 void WidenChoice::record(bool widened, double ms) {
-  const int64_t n = ++count_[widened];
-  double& avg = ms_[widened];
-  if (n == 2) avg = ms;
-  if (n > 2) avg += 0.5 * (ms - avg);
+  const int64_t n = count_[widened]++;
+  if (n > 0) ms_[widened][(n - 1) % kWindow] = ms;
+}
+
+double WidenChoice::median(bool widened) const {
+  auto v = ms_[widened];
+  std::nth_element(v.begin(), v.begin() + kWindow / 2, v.end());
+  return v[kWindow / 2];
 }
 
 }  // namespace blip3o

@@ -2,6 +2,7 @@
 // thread settings of libtorch and BLAS that the pool and the executor rely on.
 #pragma once
 
+#include <array>
 #include <condition_variable>
 #include <exception>
 #include <functional>
@@ -53,19 +54,24 @@ class WorkerPool {
 // own times. Widening pays on idle cores (the bundled decoder's step: 17-19 against 21-22 ms on one
 // thread) and loses badly when another process holds a core: OpenMP's threads wait for each other at
 // every parallel region (with one core busy elsewhere: 63-77 against 20-21 ms). The bytes are the same
-// either way. Each mode runs twice (the first call of each warms its kernels up and is not counted),
-// then the faster by moving average, and the other once every kExplore calls, to follow a change in
-// load. Not thread-safe: one caller (the executor thread).
+// either way. Each mode runs until it has kWindow times (the first call of each warms its kernels up and
+// is not counted); then the mode with the lower median of its last kWindow times runs (a median: one
+// stalled call does not switch modes), and the other now and then, to follow a change in load: after
+// kMinExplore calls, then at twice the interval while the choice holds (at most kMaxExplore), so that a
+// lasting load costs few slow calls. Not thread-safe: one caller (the executor thread).
 class WidenChoice {
  public:
-  static constexpr int64_t kExplore = 32;
+  static constexpr int kWindow = 3;
+  static constexpr int64_t kMinExplore = 8, kMaxExplore = 128;
   bool next();
   void record(bool widened, double ms);
 
  private:
-  double ms_[2] = {0, 0};
-  int64_t count_[2] = {0, 0};
-  int64_t calls_ = 0;
+  double median(bool widened) const;
+  std::array<double, kWindow> ms_[2] = {};
+  int64_t count_[2] = {0, 0};  // calls recorded, the warm-up included
+  bool best_ = true;
+  int64_t interval_ = kMinExplore, since_ = 0;
 };
 
 }  // namespace blip3o
