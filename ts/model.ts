@@ -59,7 +59,8 @@ export interface GenerateResult {
   format: ImageFormat;
   width: number;
   height: number;
-  /** The seed of this sample: generating its prompt alone with this seed gives the same bytes. */
+  /** The seed of this sample: generating its prompt alone with this seed gives the same bytes (on CUDA,
+   * where a batch is one call, the same image within float rounding). */
   seed: number;
   /** Timings of the call that produced the sample (shared by the samples of a batch). */
   timings: GenerateTimings;
@@ -218,7 +219,8 @@ export class Blip3oModel {
 
   /** Generates one image for a prompt. */
   generate(prompt: string, options?: GenerateOptions): Promise<GenerateResult>;
-  /** Generates one image per prompt, with seeds seed, seed + 1, ...; each sample equals generating it alone. */
+  /** Generates one image per prompt, with seeds seed, seed + 1, ...; each sample equals generating it alone
+   * (on CPU byte for byte; on CUDA within float rounding). */
   generate(prompts: string[], options?: GenerateOptions): Promise<GenerateResult[]>;
   async generate(prompt: string | string[], options?: GenerateOptions): Promise<GenerateResult | GenerateResult[]> {
     const started = performance.now();
