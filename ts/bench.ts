@@ -371,7 +371,7 @@ async function queueThroughput(model: Blip3oModel, settings: Settings, reps: num
       for (const index of indices) out.push(await request(index));
       return out;
     });
-  await Promise.all(indices.map(request)); // warm-up
+  await atOnce(); // warm-up
   for (let rep = 0; rep < reps; rep++) {
     const concurrentFirst = rep % 2 === 0;
     const first = concurrentFirst ? await atOnce() : await oneByOne();
