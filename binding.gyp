@@ -17,7 +17,7 @@
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")",
         "native/core",
-        "<!@(node native/gyp-torch.js include)"
+        "<!@(node native/libtorch.js include)"
       ],
       "defines": [
         "NAPI_VERSION=8",
@@ -26,9 +26,9 @@
       ],
       "cflags!": ["-fno-exceptions", "-fno-rtti"],
       "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
-      "cflags_cc": ["-std=c++17", "-fexceptions", "-frtti", "-O2", "<!@(node native/gyp-torch.js cflags)"],
-      "libraries": ["<!@(node native/gyp-torch.js libs)"],
-      "ldflags": ["<!@(node native/gyp-torch.js ldflags)"]
+      "cflags_cc": ["-std=c++17", "-fexceptions", "-frtti", "-O2", "<!@(node native/libtorch.js cflags)"],
+      "libraries": ["<!@(node native/libtorch.js libs)"],
+      "ldflags": ["<!@(node native/libtorch.js ldflags)"]
     }
   ]
 }

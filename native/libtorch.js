@@ -1,15 +1,30 @@
 #!/usr/bin/env node
-// Compiler and linker flags for libtorch, for binding.gyp (node-gyp has no find_package).
-// Usage: node native/gyp-torch.js include|cflags|libs|ldflags
-// The libtorch is Debian's (libtorch-dev) unless BLIP3O_LIBTORCH names another one: its root, its
-// share/cmake dir (a torch wheel's torch.utils.cmake_prefix_path) or its share/cmake/Torch dir.
+// Where libtorch is, and the flags to build against it: CMakeLists.txt asks for `cmake` (the directory of
+// TorchConfig.cmake), binding.gyp for the rest (node-gyp has no find_package).
+// Usage: node native/libtorch.js cmake|include|cflags|libs|ldflags
+// The libtorch is the one inside the project's virtual environment's torch wheel (.venv, made by
+// native/setup.sh) unless BLIP3O_LIBTORCH names another one: its root, its share/cmake dir (a torch
+// wheel's torch.utils.cmake_prefix_path) or its share/cmake/Torch dir.
 'use strict';
 const fs = require('fs');
 const path = require('path');
 
+const root = path.resolve(__dirname, '..');
+
+// The torch wheel in .venv/lib/pythonX.Y/site-packages, without starting Python.
+function venvTorch() {
+  const lib = path.join(root, '.venv', 'lib');
+  const pythons = fs.existsSync(lib) ? fs.readdirSync(lib).filter((d) => d.startsWith('python')).sort() : [];
+  for (const py of pythons.reverse()) {
+    const dir = path.join(lib, py, 'site-packages', 'torch');
+    if (fs.existsSync(path.join(dir, 'share', 'cmake', 'Torch', 'TorchConfig.cmake'))) return dir;
+  }
+  throw new Error('libtorch not found: run `npm run setup` (it installs torch into .venv), or set BLIP3O_LIBTORCH');
+}
+
 function torchRoot() {
   const given = process.env.BLIP3O_LIBTORCH;
-  if (!given) return null;
+  if (!given) return venvTorch();
   let dir = path.resolve(given);
   if (fs.existsSync(path.join(dir, 'TorchConfig.cmake'))) dir = path.resolve(dir, '../../..');
   else if (fs.existsSync(path.join(dir, 'Torch', 'TorchConfig.cmake'))) dir = path.resolve(dir, '../..');
@@ -20,17 +35,9 @@ function torchRoot() {
 }
 
 function locate() {
-  const root = torchRoot();
-  if (root) {
-    return { include: [path.join(root, 'include'), path.join(root, 'include/torch/csrc/api/include')],
-             lib: path.join(root, 'lib'), cmake: path.join(root, 'share/cmake/Torch/TorchConfig.cmake') };
-  }
-  const libDirs = ['/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib'];
-  const lib = libDirs.find((d) => fs.existsSync(path.join(d, 'libtorch.so')));
-  if (!lib) throw new Error('libtorch not found: apt-get install libtorch-dev, or set BLIP3O_LIBTORCH');
-  // /usr/include is searched anyway; naming it with -I would break libstdc++'s #include_next.
-  return { include: ['/usr/include/torch/csrc/api/include'], lib,
-           cmake: path.join(lib, 'cmake/Torch/TorchConfig.cmake') };
+  const dir = torchRoot();
+  return { include: [path.join(dir, 'include'), path.join(dir, 'include/torch/csrc/api/include')],
+           lib: path.join(dir, 'lib'), cmake: path.join(dir, 'share/cmake/Torch/TorchConfig.cmake') };
 }
 
 // Match the libstdc++ ABI that libtorch was built with (old torch wheels used the pre-C++11 one).
@@ -58,6 +65,7 @@ function cudaInclude() {
 }
 const cuda = has('torch_cuda') ? cudaInclude() : undefined;
 const out = {
+  cmake: [path.dirname(t.cmake)],
   include: [...t.include, ...(cuda ? [cuda] : [])],
   cflags: [abiFlag(t.cmake), ...(cuda ? ['-DBLIP3O_CUDA'] : [])],
   // torch_cuda registers CUDA with ATen from static initialisers: keep it even though nothing
@@ -68,7 +76,7 @@ const out = {
 };
 const what = process.argv[2];
 if (!out[what]) {
-  console.error('usage: node native/gyp-torch.js include|cflags|libs|ldflags');
+  console.error('usage: node native/libtorch.js cmake|include|cflags|libs|ldflags');
   process.exit(2);
 }
 console.log(out[what].join(' '));
