@@ -35,13 +35,14 @@ def ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-def flow_match_schedule(steps: int, shift: float) -> Tuple[Tensor, Tensor]:
+def flow_match_schedule(steps: int, shift: float, integer: bool = False) -> Tuple[Tensor, Tensor]:
     """FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/steps, steps)): float32 sigmas
-    (shifted, then a final 0) and timesteps sigma * 1000."""
+    (shifted, then a final 0) and timesteps sigma * 1000 (truncated to integers: the official sampler)."""
     s = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
     s = np.float32(shift) * s / (1 + np.float32(shift - 1) * s)
     sigmas = torch.from_numpy(s.astype(np.float32))
-    return torch.cat([sigmas, torch.zeros(1)]), sigmas * 1000.0
+    timesteps = sigmas * 1000.0
+    return torch.cat([sigmas, torch.zeros(1)]), timesteps.trunc() if integer else timesteps
 
 
 def train_sigmas(cfg: dict) -> np.ndarray:
@@ -120,7 +121,8 @@ def features(b: Bundle, ids: List[int], g: torch.Generator, steps: int, cfg: flo
     t["conditionMs"] = t["conditionCallMs"] = ms_since(start)
     start = time.perf_counter()
     x = torch.randn([1, m["clip"]["tokens"], m["clip"]["width"]], generator=g).to(b.device)
-    sigmas, timesteps = flow_match_schedule(steps, m["sampler"]["dit"]["shift"])
+    sigmas, timesteps = flow_match_schedule(steps, m["sampler"]["dit"]["shift"],
+                                           m["sampler"]["dit"].get("integerTimesteps", False))
     eta = m["sampler"]["dit"].get("eta", 0.0)
     noise = torch.randn([steps - 1, 1, m["clip"]["tokens"], m["clip"]["width"]], generator=g) if eta > 0 else None
     x = dit_loop(b, cond, x, sigmas, timesteps, cfg, t, eta, noise)

@@ -1,6 +1,6 @@
 """Pieces shared by the BLIP3-o components: norms, rotary embeddings, attention, MLPs, timestep embeddings.
 
-Everything here must compile with torch.jit.script on torch 1.13 (Debian) and on torch 2.x (the GPU box).
+Everything here compiles with torch.jit.script on the project's torch (2.x).
 """
 import math
 from typing import Optional, Tuple
@@ -10,23 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-# Chosen once, when this file is imported by the exporting torch: 2.x has fused attention kernels
-# (flash / memory-efficient), 1.13 does not. Defining one of two functions (instead of branching inside
-# one) keeps the unused branch out of the TorchScript compiler, which would reject the missing op.
-HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
 
-if HAS_SDPA:
-    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """q [B,h,L,d], k/v [B,h,S,d], mask bool broadcastable to [B,h,L,S] (True = attend)."""
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-else:
-    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """q [B,h,L,d], k/v [B,h,S,d], mask bool broadcastable to [B,h,L,S] (True = attend)."""
-        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        # softmax in float32: bf16/fp16 scores lose too much precision in the exponent sum
-        return torch.matmul(scores.float().softmax(-1).to(v.dtype), v)
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """q [B,h,L,d], k/v [B,h,S,d], mask bool broadcastable to [B,h,L,S] (True = attend): torch's fused
+    kernels (flash on CPU and CUDA; on CPU as fast as the plain matmul-softmax-matmul for the tiny model)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -49,17 +37,12 @@ def one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype).reshape(B, H, L, D)
 
 
-if HAS_SDPA:
-    def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], groups: int) -> Tensor:
-        """attention() with k/v [B, heads/groups, S, d]. Decoding (one query) reads k/v once; otherwise
-        they are repeated per head for the fused kernels."""
-        if q.shape[2] == 1 and groups > 1:
-            return one_query_attention(q, k, v, mask, groups)
-        return attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask)
-else:  # (torch 1.13: the bundled model's export, kept as it was)
-    def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], groups: int) -> Tensor:
-        """attention() with k/v [B, heads/groups, S, d], repeated per head."""
-        return attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask)
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], groups: int) -> Tensor:
+    """attention() with k/v [B, heads/groups, S, d]. Decoding (one query) reads k/v once; otherwise
+    they are repeated per head for the fused kernels."""
+    if q.shape[2] == 1 and groups > 1:
+        return one_query_attention(q, k, v, mask, groups)
+    return attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask)
 
 
 def plain_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -69,22 +52,10 @@ def plain_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * xf.to(x.dtype)
 
 
-def fused_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """The same in one kernel on CUDA (torch 2.x's aten rms_norm; float32 inside, one rounding at the
-    end): a DiT step at the 4B dimensions runs about 2000 kernels, 5 of these norms per block."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The same as one op (aten rms_norm: one kernel on CUDA, where a DiT step at the 4B dimensions runs
+    about 2000 kernels, 5 of these norms per block; as fast as the plain one on CPU)."""
     return torch.rms_norm(x, [x.shape[-1]], weight, eps)
-
-
-def _scripts(fn) -> bool:
-    try:
-        torch.jit.script(fn)
-        return True
-    except Exception:  # (an op TorchScript does not know in this torch)
-        return False
-
-
-# Chosen once at import, like attention(): torch 1.13 (the bundled model's export) has no rms_norm.
-rms_norm = fused_rms_norm if hasattr(torch, "rms_norm") and _scripts(fused_rms_norm) else plain_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -164,7 +135,7 @@ class TimestepMLP(nn.Module):
 
 class SampleLinear(nn.Linear):
     """nn.Linear (same parameters) that, on CPU, multiplies each sample (first dimension) on its own.
-    OpenBLAS rounds a row differently depending on where it falls in the GEMM, so a sample batched with
+    The BLAS (MKL, OpenBLAS) rounds a row differently depending on where it falls in the GEMM, so a sample batched with
     others would not give its lone bytes; one GEMM per sample does, whatever else the call holds, so a
     runtime may split a batch into calls as it likes. CUDA keeps the single GEMM."""
 

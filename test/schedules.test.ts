@@ -84,6 +84,18 @@ function refFlowMatch(steps: number, shift: number): { sigmas: number[]; timeste
 
 // --- tests ---
 
+t.test('integerTimesteps truncates the timesteps as the official BLIP3-o sampler does, sigmas unchanged', async (t) => {
+  for (const steps of [1, 4, 30, 50]) {
+    const float = flowMatchSigmas(steps);
+    const int = flowMatchSigmas(steps, { integerTimesteps: true });
+    t.same(int.sigmas, float.sigmas);
+    t.same(int.timesteps, float.timesteps.map(Math.trunc));
+  }
+  // 30 steps: sigma 2/3 at step 10 is 666.6667 in float32, given as 666 (rounding would give 667)
+  t.equal(flowMatchSigmas(30, { integerTimesteps: true }).timesteps[10], 666);
+  t.same(flowMatchSigmas(30, { integerTimesteps: true }).timesteps.slice(0, 3), [1000, 966, 933]);
+});
+
 t.test('flowMatchSigmas equals diffusers FlowMatchEulerDiscreteScheduler(sigmas=linspace(1, 1/n, n))', async (t) => {
   for (const steps of [1, 2, 3, 7, 30, 50, 1000]) {
     for (const shift of [1, 3, 0.5]) {

@@ -53,8 +53,10 @@ export interface BundleManifest {
     defaultQuestion: string;
   };
   sampler: {
-    /** eta: share of fresh noise in each DiT step (0, the deterministic Euler step, when the file has none). */
-    dit: { steps: number; cfg: number; shift: number; eta: number };
+    /** eta: share of fresh noise in each DiT step (0, the deterministic Euler step, when the file has none);
+     * integerTimesteps: the DiT is given sigma * 1000 truncated to an integer, as the official BLIP3-o
+     * sampler does (false when the file has none). */
+    dit: { steps: number; cfg: number; shift: number; eta: number; integerTimesteps: boolean };
     decoder: EulerDiscreteConfig & {
       steps: number;
       cfg: number;
@@ -77,6 +79,7 @@ export function parseManifest(text: string, bundleDir: string): BundleManifest {
     throw new BundleError(`${bundleDir}/manifest.json: not valid JSON (${(err as Error).message})`, { cause: err });
   }
   manifest.sampler.dit.eta ??= 0;  // optional in the format
+  manifest.sampler.dit.integerTimesteps ??= false;
   manifest.batchInvariant ??= false;
   return manifest;
 }

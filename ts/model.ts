@@ -162,7 +162,7 @@ export async function loadModel(dirOrOptions?: string | LoadOptions, maybeOption
       manifest.templates,
     );
     const dit = manifest.sampler.dit;
-    const schedule = flowMatchSigmas(dit.steps, { shift: dit.shift });
+    const schedule = flowMatchSigmas(dit.steps, { shift: dit.shift, integerTimesteps: dit.integerTimesteps });
     await native.prepareNegative({
       ids: tokenizer.negativeIds(),
       seed: manifest.sampler.negativeSeed,
@@ -242,7 +242,7 @@ export class Blip3oModel {
     });
     const firstSeed = opts.seed ?? randomSeed(maxSeed - (prompts.length - 1));
     const seeds = prompts.map((_, index) => firstSeed + index);
-    const dit = flowMatchSigmas(opts.steps ?? sampler.dit.steps, { shift: sampler.dit.shift });
+    const dit = flowMatchSigmas(opts.steps ?? sampler.dit.steps, { shift: sampler.dit.shift, integerTimesteps: sampler.dit.integerTimesteps });
     const decoder = eulerDiscreteSchedule(opts.decoderSteps ?? sampler.decoder.steps, sampler.decoder);
 
     const onProgress = opts.onProgress;

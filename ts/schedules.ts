@@ -19,6 +19,8 @@ export interface FlowMatchOptions {
   shift?: number;
   /** Timestep scale (diffusers' num_train_timesteps). Default 1000. */
   numTrainTimesteps?: number;
+  /** Timesteps truncated to integers, as the official BLIP3-o sampler passes them (`.to(torch.long)`). */
+  integerTimesteps?: boolean;
 }
 
 export type BetaSchedule = 'linear' | 'scaled_linear';
@@ -93,7 +95,7 @@ export function flowMatchSigmas(steps: number, options: FlowMatchOptions = {}): 
     const s = f32(value);
     return f32(f32(shift32 * s) / f32(1 + f32(shiftMinusOne32 * s)));
   });
-  const timesteps = sigmas.map((sigma) => f32(sigma * numTrain));
+  const timesteps = sigmas.map((sigma) => f32(sigma * numTrain)).map((t) => (options.integerTimesteps ? Math.trunc(t) : t));
   return { sigmas: [...sigmas, 0], timesteps };
 }
 

@@ -113,11 +113,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("models/tiny"), help="bundle directory (stage bundle)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see LANES)")
     a = ap.parse_args()
-    # Read at startup, so set them and start again: byte-identical TorchScript files (models/export.py);
-    # and OpenBLAS, which torch's thread setting does not reach, on as many threads as torch. On its
-    # default (every core) the forward and backward of a DiT training step took 0.76-0.85 s instead of
-    # 0.46-0.48 s next to another training process.
-    env = {"PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": str(a.threads)}
+    # Read at startup, so set it and start again: byte-identical TorchScript files (models/export.py).
+    env = {"PYTHONHASHSEED": "0"}
     if any(os.environ.get(k) != v for k, v in env.items()):
         os.environ.update(env)
         os.execv(sys.executable, [sys.executable, "-m", "models.recipe"] + sys.argv[1:])

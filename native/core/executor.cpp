@@ -16,7 +16,7 @@ namespace blip3o {
 // The executor thread computes with one intra-op thread: on CPU, a model's `threads` are the
 // executor thread plus its WorkerPool's workers, which run a batch's samples side by side (each
 // sample's arithmetic then never depends on the batch), and one sample ran faster on one thread
-// than on two here. setComputeThreads also keeps OpenBLAS's own busy-waiting pool off these cores.
+// than on two here. setComputeThreads also keeps an OpenBLAS libtorch's own busy-waiting pool off these cores.
 Executor::Executor(int threads) : threads_(threads > 0 ? threads : defaultThreads()) {
   thread_ = std::thread([this] {
     setComputeThreads(1);

@@ -250,6 +250,11 @@ Manifest readManifest(const std::string& dirArg) {
     m.dit.eta = f.number("sampler.dit.eta", false);
     if (m.dit.eta < 0 || m.dit.eta > 1) fail("sampler.dit.eta", "must be a number in [0, 1]");
   }
+  if (f.at("sampler.dit").contains("integerTimesteps")) {  // optional: false when absent
+    const auto& v = f.at("sampler.dit")["integerTimesteps"];
+    if (!v.is_boolean()) fail("sampler.dit.integerTimesteps", "must be true or false when present");
+    m.dit.integerTimesteps = v.get<bool>();
+  }
   auto& d = m.decoder;
   d.steps = f.positiveInt("sampler.decoder.steps", kMaxSteps);
   d.cfg = f.number("sampler.decoder.cfg", false);

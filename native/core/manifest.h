@@ -41,6 +41,7 @@ struct Manifest {
   struct {
     int64_t steps;
     double cfg, shift, eta;  // eta: share of fresh noise per DiT step (0: Euler, deterministic)
+    bool integerTimesteps = false;  // the DiT is given sigma * 1000 truncated (the official BLIP3-o sampler)
   } dit{};
   struct {
     int64_t steps, numTrainTimesteps, stepsOffset;

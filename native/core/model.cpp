@@ -74,11 +74,13 @@ torch::jit::Module frozen(const torch::jit::Module& module, const std::vector<st
 }
 
 // On CPU, ATen picks a convolution's kernel at every call from its shapes and the calling thread's
-// intra-op thread count (a 1x1 convolution goes to oneDNN at two threads, to im2col + BLAS at one), and
+// intra-op thread count (im2col + GEMM, whose MKL GEMM splits its sums over threads, or oneDNN), and
 // the two round differently. Each convolution of a frozen float32 graph bound to one kernel gives the
-// same bytes at any thread count, so a lone sample may run on every core: oneDNN for spatial kernels
-// (it threads, and is as fast at one thread), im2col + BLAS for 1x1 ones (2-3x faster than oneDNN at
-// batch 1). Returns false if a convolution was left to ATen's choice (the caller then keeps one thread).
+// same bytes at any thread count, so a lone sample may run on every core: oneDNN for spatial kernels,
+// with their weights channels-last (the caller passes channels-last inputs: oneDNN then reorders
+// nothing; a tiny decoder step 4.6 against 5.1 ms in NCHW), im2col + GEMM for 1x1 ones (2-4x faster
+// than oneDNN at batch 1). Returns false if a convolution was left to ATen's choice (the caller then
+// keeps one thread).
 bool bindConvolutions(torch::jit::Module& module) {
   using torch::jit::Node;
   using torch::jit::toIValue;
@@ -113,8 +115,11 @@ bool bindConvolutions(torch::jit::Module& module) {
       }
       torch::jit::WithInsertPoint guard(node);
       auto* graphOf = node->owningGraph();
-      Node* call = spatial ? graphOf->create(onednn, {node->input(0), node->input(1), node->input(2), node->input(4),
-                                                      node->input(3), node->input(5), node->input(6)})
+      Node* call = spatial ? graphOf->create(onednn, {node->input(0),
+                                                      graphOf->insertConstant(weight->toTensor().contiguous(
+                                                          at::MemoryFormat::ChannelsLast)),
+                                                      node->input(2), node->input(4), node->input(3), node->input(5),
+                                                      node->input(6)})
                            : graphOf->create(im2col, {node->input(0), node->input(1), graphOf->insertConstant(k),
                                                       node->input(2), node->input(3), node->input(4)});
       call->output()->setType(node->output()->type());
@@ -184,6 +189,8 @@ struct Model::Impl {
   bool ditPrepares = false;  // dit.pt has prepare() + step(): the condition's share is computed once per loop
   // CPU, float32: a lone sample's decoder and VAE calls run on every pool thread (see bindConvolutions)
   bool decoderWidens = false, vaeWidens = false;
+  // ... with MKL's GEMMs on every thread too: only where checked at load to give the same bytes
+  bool decoderWidensBlas = false;
   WidenChoice decoderWidening;  // a lone unguided decoder call: widened or on one thread
   torch::Tensor negative;  // [1, clip tokens, clip width] float32; set by prepareNegative
   // CUDA graphs (LoadOptions::cudaGraphs on CUDA), captured at the first use of each shape: the DiT
@@ -231,8 +238,8 @@ struct Model::Impl {
   // bundle: the rows spread evenly over the pool's threads, one call each (a lone sample's CFG halves on
   // two cores; a batch in a few large calls), or a multiple of the threads where that keeps every call
   // within `maxRows` rows (0: no limit). CPU, another bundle: one call per unit, the only split that
-  // gives a sample its lone bytes there (OpenBLAS rounds a row differently depending on where it falls in
-  // a GEMM); the pool runs them concurrently.
+  // gives a sample its lone bytes there (MKL and OpenBLAS round a row differently depending on where it falls
+  // in a GEMM); the pool runs them concurrently.
   std::vector<std::pair<int64_t, int64_t>> split(int64_t rows, int64_t unit, int64_t maxRows = 0) const {
     if (!pool) return {{0, rows}};
     std::vector<std::pair<int64_t, int64_t>> out;
@@ -248,9 +255,9 @@ struct Model::Impl {
   }
 
   // Runs task(0..count-1): concurrently on the CPU pool, in order on CUDA.
-  void parallel(size_t count, const std::function<void(int)>& task, bool widen = false) {
+  void parallel(size_t count, const std::function<void(int)>& task, bool widen = false, bool widenBlas = false) {
     spans.reset(count);
-    if (pool) return pool->run(int(count), task, widen);
+    if (pool) return pool->run(int(count), task, widen, widenBlas);
     for (size_t i = 0; i < count; ++i) task(int(i));
   }
 
@@ -266,10 +273,12 @@ struct Model::Impl {
   struct RowCall { int64_t first, n; std::vector<Span> spans; torch::Tensor in, t; torch::IValue condition; };
 
   // The calls over B samples of rows shaped like `sample` [1, ...], at most maxRows rows each (see split);
-  // condition(b, h) is row (b, h)'s condition [1, ...]; t: the loop's timesteps for the call's rows.
+  // condition(b, h) is row (b, h)'s condition [1, ...]; t: the loop's timesteps for the call's rows;
+  // format: the inputs' memory format (channels-last for a module of bound convolutions).
   std::vector<RowCall> rowCalls(const torch::Tensor& sample, int64_t B, int64_t width, int64_t maxRows,
                                 const std::vector<double>& timesteps,
-                                const std::function<torch::Tensor(int64_t, int64_t)>& condition) const {
+                                const std::function<torch::Tensor(int64_t, int64_t)>& condition,
+                                torch::MemoryFormat format = torch::MemoryFormat::Contiguous) const {
     std::vector<RowCall> calls;
     for (auto [first, n] : split(B * width, width, maxRows)) {
       RowCall c{first, n, {}, {}, {}, {}};
@@ -282,7 +291,7 @@ struct Model::Impl {
       }
       std::vector<int64_t> shape = sample.sizes().vec();
       shape[0] = n;
-      c.in = torch::empty(shape, sample.options().dtype(dtype));
+      c.in = torch::empty(shape, sample.options().dtype(dtype), format);
       c.t = timestepRows(timesteps, n);
       c.condition = torch::cat(rows).to(dtype);
       calls.push_back(std::move(c));
@@ -300,7 +309,8 @@ struct Model::Impl {
   // One step of a loop: each call's input filled from `source` [B, ...], run by `run`, its output
   // checked and copied to its rows of `out` [B, width, ...] (pairOutputs).
   void stepCalls(std::vector<RowCall>& calls, const torch::Tensor& source, torch::Tensor& out, const char* file,
-                 const std::function<torch::Tensor(RowCall&)>& run, bool widen, StageClock& clock) {
+                 const std::function<torch::Tensor(RowCall&)>& run, bool widen, StageClock& clock,
+                 bool widenBlas = false) {
     parallel(calls.size(), [&](int ci) {
       RowCall& c = calls[ci];
       for (const Span& sp : c.spans) {
@@ -311,7 +321,7 @@ struct Model::Impl {
       torch::Tensor o = spans.time(ci, [&] { return run(c); });
       expectShape(file, o, c.in.sizes());
       out.flatten(0, 1).narrow(0, c.first, c.n).copy_(o);
-    }, widen);
+    }, widen, widenBlas);
     clock.callMs += spans.takeUnionMs();
   }
 
@@ -464,6 +474,30 @@ struct Model::Impl {
     return &kept;
   }
 
+  // Whether a lone decoder call gives the same bytes with MKL's GEMMs on every pool thread as on one
+  // (MKL splits some products' sums over threads: it depends on their shapes, which a bundle fixes).
+  // One call each way on a seeded input, at load; a decoder that fails here says so when it is used.
+  bool blasWideningKeepsBytes() try {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(0);
+    torch::Tensor z = at::randn({1, manifest.latentChannels, manifest.latentHeight, manifest.latentWidth}, gen,
+                                torch::kFloat32)
+                          .contiguous(imageFormat(true));
+    torch::Tensor t = torch::full({1}, 500.0f), features = at::randn({1, manifest.clipTokens, manifest.clipWidth}, gen,
+                                                                     torch::kFloat32);
+    torch::Tensor out[2];
+    for (bool blas : {false, true})
+      pool->run(1, [&](int) { out[blas] = call(decoder, {z, t, features}); }, true, blas);
+    return torch::equal(out[0], out[1]);
+  } catch (const std::exception&) {
+    return false;
+  }
+
+  // The memory format of a convolutional module's inputs: channels-last where its convolutions were bound
+  // (see bindConvolutions).
+  static torch::MemoryFormat imageFormat(bool bound) {
+    return bound ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+  }
+
   // Euler discrete (k-diffusion form) over z [B,c,h,w] (float32, updated in place); CFG pairs
   // [cond, negative] per sample (see rowCalls), no negative at guidance 1 or less.
   void runDecoder(const torch::Tensor& features, torch::Tensor& z, const GenerateRequest& req, const JobHooks& hooks,
@@ -472,7 +506,8 @@ struct Model::Impl {
     const bool guided = req.decoderCfg > 1;
     const int64_t width = guided ? 2 : 1;
     auto calls = rowCalls(z.narrow(0, 0, 1), B, width, 0, req.decoderTimesteps,
-                          [&](int64_t b, int64_t h) { return h == 0 ? features.narrow(0, b, 1) : negative; });
+                          [&](int64_t b, int64_t h) { return h == 0 ? features.narrow(0, b, 1) : negative; },
+                          imageFormat(decoderWidens));
     torch::Tensor pairs = pairOutputs(z, width);  // the model's outputs
     // one call that could use every pool thread (see WidenChoice)
     const bool lone = decoderWidens && calls.size() == 1 && pool && pool->size() > 1;
@@ -483,7 +518,8 @@ struct Model::Impl {
       const bool widen = lone && decoderWidening.next();
       auto c0 = Clock::now();
       stepCalls(calls, z / std::sqrt(s * s + 1), pairs, "decoder.pt",
-                [&](RowCall& c) { return call(decoder, {c.in, c.t[i], c.condition}); }, widen, clock);
+                [&](RowCall& c) { return call(decoder, {c.in, c.t[i], c.condition}); }, widen, clock,
+                decoderWidensBlas);
       if (lone) decoderWidening.record(widen, msSince(c0));
       eachSample(B, [&](int64_t b, int64_t n) {
         torch::Tensor x = z.narrow(0, b, n), out = pairs.narrow(0, b, n).select(1, 0);
@@ -598,6 +634,7 @@ std::unique_ptr<Model> Model::load(const std::string& bundleDir, const LoadOptio
     impl->vaeWidens = bindConvolutions(impl->vae);
   }
   if (!impl->device.is_cuda()) impl->pool = std::make_unique<WorkerPool>(options.threads);
+  if (impl->decoderWidens && impl->pool->size() > 1) impl->decoderWidensBlas = impl->blasWideningKeepsBytes();
   impl->graphs = impl->device.is_cuda() && options.cudaGraphs;
   const char* graphs = !impl->device.is_cuda() ? "off (cpu)"
                        : options.cudaGraphs    ? "graph (captured at first use)"
@@ -629,7 +666,8 @@ GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks
   GenerateResult result;
   auto t0 = Clock::now(), stage = t0;
 
-  // One condition call per prompt: prompts differ in length and are never padded.
+  // One condition call per prompt: prompts differ in length and are never padded. Each on one thread:
+  // MKL's GEMMs round differently at other thread counts for most of the backbone's shapes.
   hooks.check();
   std::vector<torch::Tensor> conds(B);
   m.parallel(B, [&](int b) {
@@ -672,7 +710,9 @@ GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks
   auto groups = m.split(B, 1);
   std::vector<torch::Tensor> images(groups.size());
   m.parallel(groups.size(), [&](int g) {
-    torch::Tensor latents = (z.narrow(0, groups[g].first, groups[g].second) / mf.vaeScalingFactor).to(m.dtype);
+    torch::Tensor latents = (z.narrow(0, groups[g].first, groups[g].second) / mf.vaeScalingFactor)
+                                .to(m.dtype)
+                                .contiguous(Impl::imageFormat(m.vaeWidens));
     torch::Tensor image = m.spans.time(g, [&] { return m.call(m.vae, {latents}); });
     Impl::expectShape("vae.pt", image, {groups[g].second, 3, mf.imageHeight, mf.imageWidth});
     images[g] = image.to(torch::kFloat32);

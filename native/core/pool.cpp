@@ -5,12 +5,18 @@
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
-#include <dlfcn.h>
 
 #include <algorithm>
 #include <utility>
 
 namespace blip3o {
+
+// OpenMP's and MKL's own setters, where this libtorch has them: weak, so that a libtorch without them
+// still links, and resolved by the linker rather than dlsym (Node loads addons with RTLD_LOCAL, which
+// keeps their libraries' symbols out of dlsym's default scope).
+extern "C" void omp_set_num_threads(int) __attribute__((weak));
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // (mkl_service.h's C name)
+extern "C" void openblas_set_num_threads(int) __attribute__((weak));
 
 int defaultThreads() { return int(std::clamp(std::thread::hardware_concurrency(), 1u, 8u)); }
 
@@ -19,21 +25,20 @@ void setComputeThreads(int n) {
   // so that it cannot later overwrite the count set here.
   at::internal::lazy_init_num_threads();
   at::set_num_threads(n);
-  using SetThreads = void (*)(int);
-  if (auto fn = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) fn(1);
+  if (openblas_set_num_threads) openblas_set_num_threads(1);
 }
 
 namespace {
 
 // This thread's OpenMP threads, without at::set_num_threads's rebuild of the process-wide pthreadpool
-// (which would start threads at every call); ATen's kernels and oneDNN read the OpenMP setting.
-void setOpenMpThreads(int n) {
-  using SetThreads = void (*)(int);
-  static auto fn = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
-  if (fn)
-    fn(n);
+// (which would start threads at every call); ATen's kernels and oneDNN read the OpenMP setting. MKL keeps
+// the count at::set_num_threads gave it (1, setComputeThreads) unless told per thread (`blas`).
+void setOpenMpThreads(int n, bool blas) {
+  if (omp_set_num_threads)
+    omp_set_num_threads(n);
   else
     at::set_num_threads(n);
+  if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(blas ? n : 1);
 }
 
 }  // namespace
@@ -51,13 +56,13 @@ WorkerPool::~WorkerPool() {
   for (auto& t : threads_) t.join();
 }
 
-void WorkerPool::run(int count, const std::function<void(int)>& task, bool widen) {
+void WorkerPool::run(int count, const std::function<void(int)>& task, bool widen, bool widenBlas) {
   if (count <= 0) return;
   if (count == 1 && widen && !threads_.empty()) {  // the workers idle meanwhile: lend their cores
     struct Restore {
-      ~Restore() { setOpenMpThreads(1); }
+      ~Restore() { setOpenMpThreads(1, false); }
     } restore;
-    setOpenMpThreads(size());
+    setOpenMpThreads(size(), widenBlas);
     task(0);
     return;
   }
@@ -71,8 +76,15 @@ void WorkerPool::run(int count, const std::function<void(int)>& task, bool widen
   next_ = 0;
   pending_ = count;
   error_ = nullptr;
+  const uint64_t finishedBefore = finishedRuns_.load();
+  posted_.fetch_add(1, std::memory_order_release);
   wake_.notify_all();
   work(lock);  // the caller takes its share too
+  if (pending_ != 0) {
+    lock.unlock();
+    spinWhile(finishedRuns_, finishedBefore);
+    lock.lock();
+  }
   finished_.wait(lock, [this] { return pending_ == 0; });
   task_ = nullptr;
   if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
@@ -92,7 +104,10 @@ void WorkerPool::work(std::unique_lock<std::mutex>& lock) {
     }
     lock.lock();
     if (error && !error_) error_ = error;
-    if (--pending_ == 0) finished_.notify_one();
+    if (--pending_ == 0) {
+      finishedRuns_.fetch_add(1, std::memory_order_release);
+      finished_.notify_one();
+    }
   }
 }
 
@@ -102,10 +117,23 @@ void WorkerPool::loop() {
   torch::jit::setGraphExecutorOptimize(graphExecutorOptimize());  // see Executor::loop
   std::unique_lock<std::mutex> lock(mutex_);
   while (true) {
+    if (!closed_ && next_ >= count_) {  // nothing to claim: wait for the next run, spinning first
+      const uint64_t seen = posted_.load();
+      lock.unlock();
+      spinWhile(posted_, seen);
+      lock.lock();
+    }
     wake_.wait(lock, [this] { return closed_ || next_ < count_; });
     if (closed_) return;
     work(lock);
   }
+}
+
+void WorkerPool::spinWhile(const std::atomic<uint64_t>& counter, uint64_t seen) {
+  constexpr auto kSpinNs = std::chrono::nanoseconds(200000);
+  const auto until = std::chrono::steady_clock::now() + kSpinNs;
+  while (counter.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < until)
+    std::this_thread::yield();
 }
 
 bool WidenChoice::next() {

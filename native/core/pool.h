@@ -3,6 +3,8 @@
 #pragma once
 
 #include <array>
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <functional>
@@ -15,8 +17,8 @@ namespace blip3o {
 // The default number of CPU threads of a model: the machine's cores, at most 8.
 int defaultThreads();
 
-// Sets this thread's ATen intra-op threads, and OpenBLAS's (process-wide) to 1: OpenBLAS's pool
-// does not follow ATen's, and both pools busy-wait on the same cores.
+// Sets this thread's ATen intra-op threads (MKL follows them), and, for a libtorch built on OpenBLAS,
+// OpenBLAS's (process-wide) to 1: OpenBLAS's pool does not follow ATen's, and both busy-wait on the same cores.
 void setComputeThreads(int n);
 
 // `size` compute threads for one caller: the caller itself plus size - 1 workers, each with one
@@ -33,16 +35,23 @@ class WorkerPool {
   // Runs task(0) .. task(count - 1) on the caller and the workers, returns when all are done and
   // rethrows the first exception a task threw. One run at a time (the executor thread calls it).
   // `widen`: a lone task runs on the caller with every thread of the pool as intra-op threads (for
-  // calls whose bytes do not depend on the thread count; see bindConvolutions in model.cpp).
-  void run(int count, const std::function<void(int)>& task, bool widen = false);
+  // calls whose bytes do not depend on the thread count; see bindConvolutions in model.cpp): ATen's and
+  // oneDNN's, and with `widenBlas` MKL's too (whose GEMMs round differently at other thread counts for
+  // many shapes: only for a module checked to give the same bytes).
+  void run(int count, const std::function<void(int)>& task, bool widen = false, bool widenBlas = false);
   int size() const { return int(threads_.size()) + 1; }
 
  private:
   void loop();
   void work(std::unique_lock<std::mutex>& lock);
 
+  // Spins up to kSpinNs for `counter` to leave `seen` before the caller blocks: a DiT step hands work
+  // to a worker and back every 2-3 ms, and a futex wake-up costs tens of microseconds each way.
+  static void spinWhile(const std::atomic<uint64_t>& counter, uint64_t seen);
+
   std::mutex mutex_;
   std::condition_variable wake_, finished_;
+  std::atomic<uint64_t> posted_{0}, finishedRuns_{0};  // runs posted to the workers, and runs finished
   const std::function<void(int)>* task_ = nullptr;
   int count_ = 0, next_ = 0, pending_ = 0;
   bool closed_ = false;

@@ -116,17 +116,15 @@ def test_one_query_attention_is_attention_over_repeated_heads(dtype):
         close(got.float(), want, 1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.skipif(not hasattr(torch, "rms_norm"), reason="torch 1.13 has no rms_norm: the models use the plain norm")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_rms_norm_is_the_plain_one(dtype):
-    """Where torch has rms_norm (2.x), the models' norm is the fused one, scripted, and computes the plain
-    float32 formula within one rounding of the dtype."""
-    from models.layers import fused_rms_norm, plain_rms_norm, rms_norm
-    assert rms_norm is fused_rms_norm
+def test_rms_norm_is_the_plain_formula(dtype):
+    """The models' norm (torch's rms_norm), scripted, computes the plain float32 formula within one
+    rounding of the dtype."""
+    from models.layers import plain_rms_norm, rms_norm
     g = torch.Generator().manual_seed(6)
     x, w = torch.randn(3, 7, 64, generator=g).to(dtype) * 4, torch.randn(64, generator=g).to(dtype)
     want = plain_rms_norm(x.float(), w.float(), 1e-6)
-    got = torch.jit.script(fused_rms_norm)(x, w, 1e-6)
+    got = torch.jit.script(rms_norm)(x, w, 1e-6)
     assert got.dtype == dtype
     close(got.float(), want, 1e-5 if dtype == torch.float32 else 2e-2)
 
