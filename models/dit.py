@@ -82,6 +82,18 @@ class DitBlock(nn.Module):
         return x + gate_mlp[:, None].tanh() * self.ffn_norm2(ff)
 
 
+class CaptionProjection(nn.Module):
+    """The released DiT's caption projection (PixArt-alpha's text projection): Linear, GELU (tanh), Linear."""
+
+    def __init__(self, dim_in: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
 class DiT(nn.Module):
     def __init__(self, cfg: DitConfig):
         super().__init__()
@@ -90,11 +102,13 @@ class DiT(nn.Module):
         temb_dim = min(cfg.width, 1024)
         self.x_embedder = nn.Linear(cfg.channels, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.tokens, cfg.width)) if cfg.absolute_positions else None
-        self.caption_projection = nn.Linear(cfg.caption_dim, cfg.width)
+        self.caption_projection = CaptionProjection(cfg.caption_dim, cfg.width) if cfg.caption_mlp \
+            else nn.Linear(cfg.caption_dim, cfg.width)
         self.t_embedder = TimestepMLP(TIME_FREQ_DIM, temb_dim)
         # pooled caption -> adaLN input (Lumina pools with the caption mask; BLIP3-o's condition is
         # always the Q query states, so the masked mean is a plain mean)
-        self.caption_embedder = nn.Sequential(nn.LayerNorm(cfg.width, eps=1e-6), nn.Linear(cfg.width, temb_dim))
+        self.caption_embedder = nn.Sequential(nn.LayerNorm(cfg.width, eps=cfg.caption_norm_eps),
+                                              nn.Linear(cfg.width, temb_dim))
         self.layers = nn.ModuleList([DitBlock(cfg, temb_dim) for _ in range(cfg.layers)])
         self.norm_out = nn.LayerNorm(cfg.width, eps=1e-6, elementwise_affine=False)
         self.norm_out_linear = nn.Linear(temb_dim, cfg.width)  # continuous LayerNorm: x * (1 + scale(temb))

@@ -19,7 +19,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -119,7 +119,7 @@ def token_ids(bundle: Path) -> Dict[str, int]:
 
 
 def manifest(preset: Preset, dtype: str, bundle: Path, name: Optional[str] = None,
-             sampler: Optional[dict] = None) -> dict:
+             sampler: Optional[dict] = None, templates: Optional[dict] = None, source: Optional[dict] = None) -> dict:
     ids = token_ids(bundle)
     if max(ids.values()) >= preset.backbone.vocab:
         raise ValueError(f"tokenizer id {max(ids.values())} is outside the model's vocabulary of {preset.backbone.vocab}")
@@ -138,18 +138,24 @@ def manifest(preset: Preset, dtype: str, bundle: Path, name: Optional[str] = Non
         "vae": {"scalingFactor": preset.vae.scaling_factor},
         "tokens": {"img": ids["[IMG]"], "imagePad": ids["<|image_pad|>"],
                    "stop": sorted([ids["<|endoftext|>"], ids["<|im_end|>"]])},
-        "templates": dict(TEMPLATES),
+        "templates": dict(templates or TEMPLATES),
         "sampler": sampler or SAMPLER,
         "batchInvariant": True,
         "architecture": preset.to_dict(),
+        **({"source": source} if source else {}),
     }
 
 
 def export(preset: Preset, out: Path, seed: int = 0, dtype: str = "float32", device: str = "cpu",
-           tokenizer: Path = None, modules: Optional[Dict[str, nn.Module]] = None, name: Optional[str] = None,
-           sampler: Optional[dict] = None, stand_in_tokenizer: bool = False) -> dict:
-    """Writes a bundle of `modules` (default: randomly initialised from `seed`, on `device`).
-    stand_in_tokenizer: a real-size bundle gets the tiny model's tokenizer, for timing random weights."""
+           tokenizer: Path = None, modules: Optional[Dict[str, Union[nn.Module, Callable[[], nn.Module]]]] = None,
+           name: Optional[str] = None, sampler: Optional[dict] = None, stand_in_tokenizer: bool = False,
+           templates: Optional[dict] = None, source: Optional[dict] = None,
+           on_written: Callable[[str], None] = lambda key: None) -> dict:
+    """Writes a bundle of `modules` (default: randomly initialised from `seed`, on `device`). A module may
+    be given as a function that builds it: it is then built, written and dropped before the next one
+    (the importer's way of holding one component at a time).
+    stand_in_tokenizer: a real-size bundle gets the tiny model's tokenizer, for timing random weights.
+    templates, source: the manifest's prompt templates (default TEMPLATES) and where the weights came from."""
     if preset.name != "tiny" and tokenizer is None and not stand_in_tokenizer:
         raise ValueError(f"preset {preset.name} needs --tokenizer DIR (a Qwen2.5 tokenizer.json + tokenizer_config.json) "
                          "or, for timing random weights, --stand-in-tokenizer")
@@ -161,15 +167,18 @@ def export(preset: Preset, out: Path, seed: int = 0, dtype: str = "float32", dev
             # built where they run: initialising billions of weights is much faster on a GPU
             with torch.device(device) if device != "cpu" else contextlib.nullcontext():
                 modules = build_modules(preset, seed)
-        for key, module in modules.items():
+        for key in list(modules):
+            module = modules[key] if isinstance(modules[key], nn.Module) else modules[key]()
             module = module.to(device=device, dtype=DTYPES[dtype])
             script_module(key, module).save(str(tmp / COMPONENT_FILES[key]))
+            del module
+            on_written(key)
         if tokenizer is None:
             # the tiny model's: as many ids as merges learned from the shapes world allow
             write_tokenizer(tmp, min(preset.backbone.vocab, get_preset("tiny").backbone.vocab), preset.backbone.context)
         else:
             copy_tokenizer(tokenizer, tmp)
-        m = manifest(preset, dtype, tmp, name, sampler)
+        m = manifest(preset, dtype, tmp, name, sampler, templates, source)
         (tmp / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
         tmp.chmod(0o755)
         if out.exists():  # swap: the old bundle disappears only once the new one is complete

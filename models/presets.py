@@ -32,6 +32,10 @@ class BackboneConfig:  # Qwen2.5 language model + the learnable query tokens
     query_tokens: int = 64
     rope_theta: float = 1e6
     eps: float = 1e-6
+    # Qwen2-VL multimodal RoPE: the head's dim/2 rotary frequencies cut into (temporal, height, width)
+    # sections, e.g. (16, 24, 24); image tokens then get 3-D positions (backbone.rope_positions, used by
+    # prefill_mrope). () = 1-D positions for every token, images included (the tiny model was trained so)
+    mrope_section: Tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -70,6 +74,10 @@ class DitConfig:  # Lumina-Next DiT with cross-attention (BLIP3-o NextDiTCrossAt
     # a learned embedding per grid cell added to the input (not in Lumina-Next, whose only positions are
     # RoPE's relative ones): the tiny DiT learns where a caption puts things faster with it
     absolute_positions: bool = False
+    # the released caption projection: Linear(H, width), GELU (tanh), Linear(width, width) (PixArt-alpha's
+    # text projection); the tiny DiT has one Linear
+    caption_mlp: bool = False
+    caption_norm_eps: float = 1e-6  # the pooled caption's LayerNorm (released: torch's default 1e-5)
 
     @property
     def tokens(self) -> int:
@@ -90,6 +98,9 @@ class UnetConfig:  # SDXL-style UNet decoder, conditioned on CLIP features
     # the feature grid, upsampled to the latent size, joins the sample at conv_in (the tiny decoder: it
     # draws where the features say; SDXL and the real decoder only cross-attend)
     concat_features: bool = False
+    # (height, width) of the time ids' original size; () = image_size. BLIP3-o's decoder pipeline (Emu2-Gen's)
+    # passes a fixed (1024, 1024) whatever size it generates: time ids (1024, 1024, 0, 0, height, width)
+    original_size: Tuple[int, ...] = ()
 
 
 @dataclass
@@ -100,6 +111,9 @@ class VaeConfig:  # SDXL AutoencoderKL, or (patch > 0) pixels folded into patch 
     groups: int = 32
     scaling_factor: float = 0.13025
     patch: int = 0  # > 0: no autoencoder, the decoder works on pixels folded by pixel_unshuffle(patch)
+    # the checkpoint's config says its activations overflow float16 (SDXL's VAE): diffusers' pipelines then
+    # decode in float32 when the rest runs in float16 (bfloat16 and float32 need nothing)
+    force_upcast: bool = False
 
     @property
     def factor(self) -> int:
@@ -148,19 +162,22 @@ def _real(name: str, backbone: BackboneConfig) -> Preset:
         vision=VisionConfig(width=1280, layers=32, heads=16, ffn=3420, patch=14, merge=2, window=4,
                             full_attention_layers=(7, 15, 23, 31)),
         dit=DitConfig(channels=1792, grid=8, width=1792, layers=24, heads=28, kv_heads=28, head_dim=64,
-                      ffn=4864, caption_dim=backbone.hidden),
+                      ffn=4864, caption_dim=backbone.hidden, caption_mlp=True, caption_norm_eps=1e-5),
+        # Emu2-Gen's UNet (diffusion-decoder/unet/config.json): Down / CrossAttn / CrossAttn, 5 / 10 / 20 heads
         unet=UnetConfig(channels=(320, 640, 1280), layers_per_block=2, transformer_depth=(0, 2, 10), head_dim=64,
-                        cross_dim=1792, latent_channels=4, image_size=(1024, 1024)),
-        vae=VaeConfig(channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4))
+                        cross_dim=1792, latent_channels=4, image_size=(1024, 1024), original_size=(1024, 1024)),
+        vae=VaeConfig(channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, force_upcast=True))
 
 
-# 4b / 8b context: a practical cap on prompt + generated tokens (the checkpoints allow 128000)
+# 4b / 8b context: a practical cap on prompt + generated tokens (the checkpoints allow 128000). vocab: the
+# base Qwen2.5-VL's; the released checkpoints have 151668 embedding rows (models/importer/backbone.py
+# takes the count from the checkpoint)
 PRESETS = {
     "tiny": _tiny,
     "4b": lambda: _real("4b", BackboneConfig(vocab=151936, hidden=2048, layers=36, heads=16, kv_heads=2,
-                                             ffn=11008, context=32768, tied=True)),
+                                             ffn=11008, context=32768, tied=True, mrope_section=(16, 24, 24))),
     "8b": lambda: _real("8b", BackboneConfig(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4,
-                                             ffn=18944, context=32768, tied=False)),
+                                             ffn=18944, context=32768, tied=False, mrope_section=(16, 24, 24))),
 }
 
 

@@ -2,7 +2,14 @@
 
 forward(sample [N,c,h,w], timestep [N] float32, features [N,T,C]) -> epsilon prediction. The features are
 the cross-attention context; SDXL's pooled text embedding becomes their mean, and the added time ids are
-the fixed (original size, crop 0 0, target size) of the generated image.
+the fixed (original size, crop 0 0, target size) of the generated image, as BLIP3-o's decoder pipeline
+passes them (text_embeds = the features' mean over tokens, time_ids = (1024, 1024, 0, 0, height, width)).
+
+Without concat_features this is diffusers' UNet2DConditionModel as an SDXL-style config builds it
+(positional time embedding with flip_sin_to_cos and no frequency shift, `text_time` added embedding,
+DownBlock2D / CrossAttnDownBlock2D levels with mirrored up blocks, UNetMidBlock2DCrossAttn, transformers
+with linear projections, GEGLU feed-forward): models/importer/decoder.py maps the configs and tensor names
+and test/python/test_fidelity_decoder.py checks it against diffusers' outputs.
 """
 import math
 from typing import List, Optional
@@ -74,8 +81,6 @@ class TransformerBlock(nn.Module):
         x = x + self.attn1(h, h)
         x = x + self.attn2(self.norm2(x), context)
         value, gate = self.ff_proj(self.norm3(x)).chunk(2, dim=-1)
-        if not gate.is_cuda:  # torch 1.13's CPU GELU runs a scalar loop on a strided input: 4x slower
-            gate = gate.contiguous()
         return x + self.ff_out(value * F.gelu(gate))
 
 
@@ -130,7 +135,8 @@ class UNet(nn.Module):
         self.time_embedding = TimestepMLP(ch[0], time_dim)
         self.add_embedding = TimestepMLP(cfg.cross_dim + 6 * cfg.time_id_dim, time_dim)
         h, w = cfg.image_size
-        self.register_buffer("time_ids", torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32))
+        oh, ow = cfg.original_size or cfg.image_size
+        self.register_buffer("time_ids", torch.tensor([oh, ow, 0, 0, h, w], dtype=torch.float32))
         self.concat_features = cfg.concat_features
         self.conv_in = nn.Conv2d(cfg.latent_channels + (cfg.cross_dim if cfg.concat_features else 0), ch[0], 3,
                                  padding=1)
@@ -186,6 +192,7 @@ class UNet(nn.Module):
         for stage in self.up_blocks:
             for layer in stage.layers:
                 x = layer(torch.cat([x, skips.pop()], 1), temb, features)
-            if stage.up is not None:
-                x = stage.up(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+            if stage.up is not None:  # nearest, to the next skip's size (2x, unless the latent is odd-sized there)
+                skip = skips[-1]
+                x = stage.up(F.interpolate(x, size=[skip.shape[2], skip.shape[3]], mode="nearest"))
         return self.conv_out(F.silu(self.conv_norm_out(x)))

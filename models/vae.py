@@ -1,5 +1,10 @@
 """SDXL-style AutoencoderKL. forward(latents) decodes (the caller already divided by scalingFactor) to an
-image in about [-1, 1]; encode() (eager only, for training) returns the posterior mean and log-variance."""
+image in about [-1, 1]; encode() (eager only, for training) returns the posterior mean and log-variance.
+
+AutoencoderKL is diffusers' AutoencoderKL with DownEncoderBlock2D / UpDecoderBlock2D levels (resnets with
+GroupNorm eps 1e-6, a single-head attention in each mid block, post_quant_conv before decoding):
+models/importer/decoder.py maps the config and tensor names, test/python/test_fidelity_decoder.py checks
+decoding against diffusers' outputs."""
 from typing import Tuple
 
 import torch

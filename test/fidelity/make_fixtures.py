@@ -218,7 +218,9 @@ def write_case(args, case, tensors, meta):
     from safetensors.torch import save_file
     os.makedirs(args.out, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    save_file(tensors, os.path.join(args.out, case + ".safetensors"), metadata={"case": case})
+    path = os.path.join(args.out, case + ".safetensors")
+    save_file(tensors, path, metadata={"case": case})
+    os.chmod(path, 0o644)
     meta = dict(meta)
     meta["case"] = case
     meta["weights_storage"] = ("weights.* are float16; they were rounded to float16 before the reference ran, "
@@ -423,8 +425,9 @@ def case_dit_blip3o(args, case):
         "in.z_latents": "DiT condition batch [2, Q, H] = cat([zeros_like(condition), condition]) (order uncond, cond)",
         "in.sigmas": "scheduler.sigmas after set_timesteps(30, sigmas=np.linspace(1, 1/30, 30)) [31] (last = 0)",
         "in.scheduler_timesteps": "scheduler.timesteps (float32, = sigmas*1000) [30]",
+        "dbg.caption_projection": "dit.model.caption_projection(in.z_latents) [2, Q, dim] (Linear H->dim, GELU(tanh), Linear dim->dim); same for both steps",
     }
-    steps = [0, 12]
+    steps = [0, 10]  # step 10: sigma*1000 = 666.67 -> 666 (truncation differs from rounding)
     model_calls = []
     dbg_store, remove = capture({"dbg.caption_projection": dit.model.caption_projection,
                                  "dbg.temb": dit.model.time_caption_embed})
@@ -443,7 +446,7 @@ def case_dit_blip3o(args, case):
         tensors.update({f"in.latents_step{k}": latents, f"in.t_step{k}": t.reshape(1),
                         f"in.timestep_model_step{k}": t_model, f"out.model_output_step{k}": v,
                         f"out.guided_step{k}": guided, f"out.prev_latents_step{k}": prev,
-                        f"dbg.caption_projection_step{k}": dbg_store["dbg.caption_projection"],
+                        "dbg.caption_projection": dbg_store["dbg.caption_projection"],
                         f"dbg.temb_step{k}": dbg_store["dbg.temb"]})
         meanings.update({
             f"in.latents_step{k}": f"latents entering denoising step index {k} [1, C, 4, 4]",
@@ -452,7 +455,6 @@ def case_dit_blip3o(args, case):
             f"out.model_output_step{k}": f"dit(x=latents.repeat(2,1,1,1), timestep=in.timestep_model_step{k}, z_latents=in.z_latents) [2, C, 4, 4] (velocity prediction, rows [uncond, cond])",
             f"out.guided_step{k}": f"u + 3.0*(c - u) with u, c = out.model_output_step{k}.chunk(2) [1, C, 4, 4]",
             f"out.prev_latents_step{k}": f"scheduler.step(guided, t, latents).prev_sample = latents + (sigmas[{k}+1]-sigmas[{k}])*guided [1, C, 4, 4]",
-            f"dbg.caption_projection_step{k}": "dit.model.caption_projection(in.z_latents) [2, Q, dim] (Linear H->dim, GELU(tanh), Linear dim->dim)",
             f"dbg.temb_step{k}": "dit.model.time_caption_embed output [2, min(dim,1024)]",
         })
         model_calls.append({"step_index": k, "t_float32": float(t), "t_model_int64": t_model.tolist()})
@@ -622,10 +624,9 @@ def case_vae_sdxl(args, case):
     with torch.no_grad():
         sample = vae.decode(z).sample
     remove()
-    image = (sample / 2 + 0.5).clamp(0, 1)
     keep = lambda k: k.startswith("decoder.") or k.startswith("post_quant_conv.")
     tensors = weights_of(vae, keep)
-    tensors.update({"in.latents": latents, "in.z": z, "out.sample": sample, "out.image": image})
+    tensors.update({"in.latents": latents, "in.z": z, "out.sample": sample})
     tensors.update(dbg)
     fresh = AutoencoderKL(**cfg).eval()
     missing, _ = load_weights(fresh, tensors, strict=False)
@@ -637,7 +638,6 @@ def case_vae_sdxl(args, case):
         "in.latents": "latents as produced by the denoising loop [1, 4, 8, 8] (NOT yet divided by scaling_factor)",
         "in.z": "in.latents / scaling_factor (0.13025): this is what is passed to vae.decode",
         "out.sample": "vae.decode(in.z).sample [1, 3, 64, 64] (range roughly [-1, 1] for real weights)",
-        "out.image": "(out.sample / 2 + 0.5).clamp(0, 1), the pipeline's post-processing before uint8",
         "dbg.post_quant_conv": "post_quant_conv(in.z) [1, 4, 8, 8]",
         "dbg.decoder_mid_block": "decoder.mid_block output [1, 32, 8, 8]",
     }
@@ -651,6 +651,7 @@ def case_vae_sdxl(args, case):
         "module": "diffusers.AutoencoderKL",
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
         "call": "vae.decode(in.latents / vae.config.scaling_factor).sample",
+        "postprocess": "pipelines then do image = (sample / 2 + 0.5).clamp(0, 1) -> uint8 (not stored)",
         "seeds": {"weights": seed, "inputs": seed + 1},
         "versions": versions(args),
         "tensors": describe(tensors, meanings),
@@ -740,7 +741,7 @@ def case_schedulers(args, case):
         "versions": versions(args),
         "tensors": describe(tensors, meanings),
         "tables": {k: [round(float(x), 8) for x in v.flatten().tolist()] for k, v in tensors.items()
-                   if k.startswith("out.") and v.numel() <= 64 and "step" not in k},
+                   if k.startswith("out.") and v.numel() <= 64 and "_step." not in k},
     }
     write_case(args, case, tensors, meta)
 
