@@ -1,10 +1,16 @@
 """The BLIP3-o backbone: a Qwen2.5-VL style multimodal LM plus the learnable image-query embeddings.
 
-Exported methods (contract section 2): condition, embed, encode_image, new_cache, prefill, decode.
+Exported methods (contract section 2): condition, embed, encode_image, new_cache, prefill, decode; and, for
+understanding with an image (M-RoPE), prefill_mrope and decode_mrope. rope_positions() (plain Python) gives
+the [3, L] positions prefill_mrope takes.
 Module names follow the Hugging Face Qwen2.5-VL checkpoints (minus their `model.` prefixes), so loading
-real weights is a walk over the state dict.
+real weights is a walk over the state dict (models/importer/backbone.py maps every name).
+
+Checked against transformers' Qwen2_5_VLForConditionalGeneration (test/python/test_fidelity_backbone.py):
+the vision tower (patch order, 2-D RoPE, window partition, full-attention layers, merger) and the language
+model (Qwen2 layers, M-RoPE) compute what it computes, up to float32 rounding.
 """
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -12,6 +18,79 @@ from torch import Tensor
 
 from .layers import RMSNorm, SwiGLU, apply_rope, attention, grouped_attention, rope_1d, rope_2d
 from .presets import BackboneConfig, VisionConfig
+
+
+def rope_mrope(positions: Tensor, dim: int, theta: float, sections: List[int]) -> Tuple[Tensor, Tensor]:
+    """cos, sin [L, dim] (float32) of Qwen2-VL's multimodal RoPE for positions [3, L] (temporal, height,
+    width), rotate-half layout. The dim/2 frequencies of rope_1d are cut into consecutive sections
+    (mrope_section, e.g. [16, 24, 24] for head dim 128); section i turns with axis i % 3. With the three
+    axes equal this is rope_1d; with no sections, every axis is taken to be positions[0] (1-D RoPE)."""
+    if len(sections) == 0:
+        return rope_1d(positions[0], dim, theta)
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    freqs = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, L, dim/2]
+    parts: List[Tensor] = []
+    start = 0
+    for i, size in enumerate(sections):
+        parts.append(freqs[i % 3, :, start:start + size])
+        start += size
+    f = torch.cat(parts, -1)
+    emb = torch.cat([f, f], -1)
+    return emb.cos(), emb.sin()
+
+
+def rope_positions(input_ids: Sequence[int], image_pad: int, grids: Sequence[Tuple[int, int]],
+                   mrope: bool = True) -> Tuple[Tensor, int]:
+    """The [3, L] int64 rope positions (temporal, height, width) of a prompt for prefill_mrope, and the rope
+    delta for decoding after it: what transformers' Qwen2.5-VL get_rope_index computes for still images.
+
+    input_ids: the prompt, with the image pad token (`<|image_pad|>`, whose id is `image_pad`) repeated once
+    per merged image token where each image goes. grids: per image, in prompt order, its merged grid (rows, cols) =
+    (H / (patch * merge), W / (patch * merge)) of the pixels given to encode_image (28 px per merged
+    token for Qwen2.5-VL); image k occupies the next rows * cols pad tokens, row-major as encode_image
+    returns them.
+
+    The rule: a counter p starts at 0. A text token (anything outside an image's pad run) gets (p, p, p),
+    then p += 1. An image of rows x cols merged tokens starting when the counter is s: its token at row
+    r, column c (index r * cols + c in its run) gets (s, s + r, s + c); after the image p = s + max(rows,
+    cols) (the next text token continues from there, not from s + rows * cols). The vision start / end
+    tokens around the pads are text tokens.
+    delta = p_final - L, where p_final is the counter after the last token (= 1 + the largest position)
+    and L the prompt length; it is <= 0. Decoding: the token written at KV-cache index n (n >= L) has rope
+    position n + delta on all three axes (decode_mrope's `position`, its `slot` being n).
+    Without images every token gets (i, i, i) and delta is 0: M-RoPE reduces to the 1-D positions of
+    prefill/decode. mrope=False (a backbone with no mrope_section, the tiny model) gives those 1-D
+    positions for image prompts too, as that model was trained with them.
+    """
+    ids = [int(t) for t in input_ids]
+    L = len(ids)
+    if not mrope:
+        return torch.arange(L, dtype=torch.int64).view(1, L).expand(3, L).contiguous(), 0
+    pos = torch.zeros(3, L, dtype=torch.int64)
+    p, i, image = 0, 0, 0
+    while i < L:
+        if ids[i] != image_pad:
+            pos[:, i] = p
+            p += 1
+            i += 1
+            continue
+        if image >= len(grids):
+            raise ValueError(f"more image pad runs than the {len(grids)} image grid(s) given")
+        rows, cols = int(grids[image][0]), int(grids[image][1])
+        n = rows * cols
+        if i + n > L or any(t != image_pad for t in ids[i:i + n]):
+            raise ValueError(f"image {image}: expected {n} = {rows} x {cols} pad tokens at index {i}")
+        r = torch.arange(rows, dtype=torch.int64).view(-1, 1).expand(rows, cols).reshape(-1)
+        c = torch.arange(cols, dtype=torch.int64).view(1, -1).expand(rows, cols).reshape(-1)
+        pos[0, i:i + n] = p
+        pos[1, i:i + n] = p + r
+        pos[2, i:i + n] = p + c
+        p += max(rows, cols)
+        i += n
+        image += 1
+    if image != len(grids):
+        raise ValueError(f"{len(grids)} image grid(s) given but {image} image pad run(s) found")
+    return pos, p - L
 
 
 class SelfAttention(nn.Module):
@@ -63,6 +142,7 @@ class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.width // cfg.heads
+        self.rope_float32 = cfg.rope_float32
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
 
@@ -72,7 +152,10 @@ class VisionAttention(nn.Module):
         xb = x if batched else x.unsqueeze(0)
         B, N = xb.shape[0], xb.shape[1]
         q, k, v = self.qkv(xb).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope_float32:  # (cos / sin are float32 then) rotated in float32, rounded once, as transformers does
+            q, k = apply_rope(q.float(), cos, sin).to(v.dtype), apply_rope(k.float(), cos, sin).to(v.dtype)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attention(q, k, v, mask)  # [B, heads, N, d]
         y = self.proj(y.transpose(1, 2).reshape(B, N, -1))
         return y if batched else y[0]
@@ -109,13 +192,17 @@ class PatchMerger(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """Qwen2.5-VL ViT for one image. Its Conv3d patch embedding over two identical frames equals this
-    Conv2d with the two temporal kernel slices summed."""
+    """Qwen2.5-VL ViT for one image. Its Conv3d patch embedding (temporal patch 2) over a still image's
+    two identical frames equals this Conv2d with the two temporal kernel slices summed (the importer sums
+    them). Its token order is the image processor's (merge groups row-major, row-major inside a group);
+    the merged tokens come out row-major, as transformers returns them. Window attention: transformers
+    reorders the patches window by window and attends within each (cu_window_seqlens); a block-diagonal
+    mask over the same windows in this order is the same attention (a permutation of the tokens)."""
 
     def __init__(self, cfg: VisionConfig, out_dim: int):
         super().__init__()
         self.patch, self.merge, self.window = cfg.patch, cfg.merge, cfg.window
-        self.head_dim, self.rope_theta = cfg.width // cfg.heads, cfg.rope_theta
+        self.head_dim, self.rope_theta, self.rope_float32 = cfg.width // cfg.heads, cfg.rope_theta, cfg.rope_float32
         self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch, stride=cfg.patch, bias=False)
         self.blocks = nn.ModuleList([VisionBlock(cfg, cfg.window > 0 and i not in cfg.full_attention_layers)
                                      for i in range(cfg.layers)])
@@ -139,9 +226,13 @@ class VisionTower(nn.Module):
         rows = (group_row * m + torch.arange(m, device=x.device).view(1, 1, -1, 1)).expand_as(idx).reshape(-1)
         cols = (group_col * m + torch.arange(m, device=x.device).view(1, 1, 1, -1)).expand_as(idx).reshape(-1)
         cos, sin = rope_2d(rows, cols, self.head_dim, self.rope_theta)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if not self.rope_float32:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         window_mask: Optional[Tensor] = None
-        if self.window > 0:  # windows of window x window merged tokens, counted from the top left
+        if self.window > 0:
+            # windows of window x window merged tokens (Qwen2.5-VL: 112 px = 4 x 4), tiled from the top
+            # left; the last row / column of windows holds what is left (partial windows at the bottom and
+            # right edges), as transformers' get_vision_window_index partitions them
             w = self.window * m
             win = (rows // w) * ((gw + w - 1) // w) + cols // w
             window_mask = win[:, None] == win[None, :]
@@ -151,10 +242,15 @@ class VisionTower(nn.Module):
 
 
 class Backbone(nn.Module):
+    mrope_section: List[int]  # (annotated: TorchScript cannot type an empty list)
+
     def __init__(self, cfg: BackboneConfig, vision: VisionConfig):
         super().__init__()
         self.layer_count, self.kv_heads, self.head_dim = cfg.layers, cfg.kv_heads, cfg.head_dim
         self.query_tokens, self.rope_theta = cfg.query_tokens, cfg.rope_theta
+        if cfg.mrope_section and 2 * sum(cfg.mrope_section) != cfg.head_dim:
+            raise ValueError(f"mrope_section {cfg.mrope_section} must sum to head_dim / 2 = {cfg.head_dim // 2}")
+        self.mrope_section = [int(n) for n in cfg.mrope_section]
         self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.layers)])
         self.norm = RMSNorm(cfg.hidden, cfg.eps)
@@ -167,13 +263,26 @@ class Backbone(nn.Module):
 
     def _run(self, x: Tensor, positions: Tensor, mask: Optional[Tensor],
              cache: Optional[Tensor], position: Optional[Tensor]) -> Tensor:
-        # Qwen2.5-VL uses M-RoPE (separate temporal/row/col position ids for image tokens); this runtime
-        # gives every token, image or text, a plain 1-D position, which is what M-RoPE reduces to for text.
+        # 1-D positions: what M-RoPE reduces to for text (and for generation, whose official code gives
+        # no position ids: plain sequential positions on all three axes). Image prompts: the *_mrope methods.
         cos, sin = rope_1d(positions, self.head_dim, self.rope_theta)
+        return self._layers(x, cos, sin, mask, cache, position)
+
+    def _layers(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
+                cache: Optional[Tensor], slot: Optional[Tensor]) -> Tensor:
+        """The decoder layers and the final norm; slot: the KV-cache index a decode step writes."""
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once here, not in each layer's apply_rope
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if cache is None else cache[i], position)
+            x = layer(x, cos, sin, mask, None if cache is None else cache[i], slot)
         return self.norm(x)
+
+    def logits_mrope(self, embeds: Tensor, positions: Tensor) -> Tensor:
+        """Float32 logits [B, L, V] of a whole sequence of embeddings with M-RoPE positions [3, L], no
+        cache (eager reference for prefill_mrope / decode_mrope; not exported)."""
+        L = embeds.shape[1]
+        cos, sin = rope_mrope(positions, self.head_dim, self.rope_theta, self.mrope_section)
+        h = self._layers(embeds, cos, sin, self._causal(L, embeds.device), None, None)
+        return self.lm_head(h).float()
 
     def _causal(self, L: int, device: torch.device) -> Tensor:
         return torch.ones(L, L, dtype=torch.bool, device=device).tril()
@@ -221,4 +330,25 @@ class Backbone(nn.Module):
         keys = torch.arange(cache.shape[4], device=cache.device)
         mask = (keys <= position).view(1, 1, 1, -1)
         h = self._run(self.embed_tokens(input_ids), position, mask, cache, position)
+        return self.lm_head(h[:, -1]).float()
+
+    @torch.jit.export
+    def prefill_mrope(self, embeds: Tensor, positions: Tensor, cache: Tensor) -> Tensor:
+        """prefill() with M-RoPE: embeds [B, L, H] (image tokens already in place), positions [3, L] int64
+        (rope_positions(); the same for every row) -> float32 logits [B, V] of the last token. The prompt
+        fills KV-cache slots 0..L-1."""
+        L = embeds.shape[1]
+        cos, sin = rope_mrope(positions, self.head_dim, self.rope_theta, self.mrope_section)
+        h = self._layers(embeds, cos, sin, self._causal(L, embeds.device), cache, None)
+        return self.lm_head(h[:, -1]).float()
+
+    @torch.jit.export
+    def decode_mrope(self, input_ids: Tensor, slot: Tensor, position: Tensor, cache: Tensor) -> Tensor:
+        """decode() after prefill_mrope: input_ids [B, 1], slot [1] int64 = the KV-cache index written
+        (attention covers slots 0..slot), position [1] int64 = the rope position, the same on all three
+        axes (slot + the rope delta of rope_positions()). Shapes never depend on the values."""
+        keys = torch.arange(cache.shape[4], device=cache.device)
+        mask = (keys <= slot).view(1, 1, 1, -1)
+        cos, sin = rope_1d(position, self.head_dim, self.rope_theta)
+        h = self._layers(self.embed_tokens(input_ids), cos, sin, mask, cache, slot)
         return self.lm_head(h[:, -1]).float()

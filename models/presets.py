@@ -56,6 +56,9 @@ class VisionConfig:  # Qwen2.5-VL vision tower
     max_pixels: int = 1605632
     rope_theta: float = 10000.0
     eps: float = 1e-6
+    # apply the 2-D RoPE to q / k in float32 and round once (transformers' Qwen2.5-VL vision attention);
+    # False: in the activations' dtype (the same in float32, the tiny model's)
+    rope_float32: bool = False
 
 
 @dataclass
@@ -160,7 +163,7 @@ def _real(name: str, backbone: BackboneConfig) -> Preset:
         name=name, image=(1024, 1024), backbone=backbone,
         # Qwen2.5-VL vision: windows of 112 px = 4x4 merged tokens, global attention every 8th layer
         vision=VisionConfig(width=1280, layers=32, heads=16, ffn=3420, patch=14, merge=2, window=4,
-                            full_attention_layers=(7, 15, 23, 31)),
+                            full_attention_layers=(7, 15, 23, 31), rope_float32=True),
         dit=DitConfig(channels=1792, grid=8, width=1792, layers=24, heads=28, kv_heads=28, head_dim=64,
                       ffn=4864, caption_dim=backbone.hidden, caption_mlp=True, caption_norm_eps=1e-5),
         # Emu2-Gen's UNet (diffusion-decoder/unet/config.json): Down / CrossAttn / CrossAttn, 5 / 10 / 20 heads

@@ -11,6 +11,7 @@ import { runBench } from './bench';
 import { markdown, writeReport } from './bench-report';
 import { evalMarkdown, runEval } from './eval';
 import { formatFromFileName, writeFileAtomic } from './image';
+import { importCheckpoint, importDtypes, type ImportDtype } from './import';
 import { loadModel, packageVersion, runtimeInfo, type Blip3oModel } from './model';
 import { packageRoot } from './native';
 import {
@@ -32,6 +33,8 @@ Commands:
   generate PROMPT -o FILE   generate an image from a caption
   describe IMAGE            describe an image, or answer --question about it
   info                      show the model bundle, device and runtime
+  import CHECKPOINT --out DIR
+                            turn a released BLIP3-o checkpoint into a bundle
   bench                     benchmark the runtime against the Python reference
   eval                      evaluate the model on fresh scenes of the shapes world
   help [COMMAND]            show help for a command
@@ -137,9 +140,25 @@ Options:
 ${modelOptionsHelp}
   --json                    print the results as JSON instead of Markdown
   -h, --help                show this help`,
+  import: `Usage: blip3o import CHECKPOINT --out DIR [options]
+
+Turns a released BLIP3-o checkpoint directory, as downloaded (BLIP3o/BLIP3o-Model-4B or -8B:
+config.json, the safetensors shards and their index, the tokenizer, diffusion-decoder/), into a bundle
+directory that --model then runs. Every config, file header, tensor shape and dtype is checked
+before anything is built; the components are then converted one at a time, into a temporary directory
+renamed to DIR at the end: a failed or interrupted import leaves nothing.
+
+Options:
+  --out DIR                 bundle directory to write (must not exist; required)
+  --dtype bfloat16|float16|float32
+                            the bundle's dtype (default bfloat16)
+  --name NAME               the bundle's name (default blip3o-<checkpoint directory name>)
+  --json                    print one JSON object: bundle, name, seconds, peakRssBytes,
+                            checkpointBytes, bundleBytes
+  -h, --help                show this help`,
   help: `Usage: blip3o help [COMMAND]
 
-Shows the help of COMMAND (generate, describe, info, bench, eval), or the list of commands.`,
+Shows the help of COMMAND (generate, describe, info, import, bench, eval), or the list of commands.`,
 };
 
 type Options = NonNullable<ParseArgsConfig['options']>;
@@ -175,6 +194,13 @@ const commandOptions: Record<string, Options> = {
     seed: { type: 'string' },
   },
   info: modelOptions,
+  import: {
+    out: { type: 'string' },
+    dtype: { type: 'string' },
+    name: { type: 'string' },
+    json: { type: 'boolean' },
+    help: { type: 'boolean', short: 'h' },
+  },
   bench: {
     ...modelOptions,
     runs: { type: 'string' },
@@ -424,7 +450,41 @@ async function runInfo(values: Values, positionals: string[], signal: AbortSigna
     `libtorch   ${info.libtorch} (${cuda})`,
     `blip3o     ${runtime.version}`,
   ];
+  if (info.source !== undefined) {
+    const s = info.source;
+    lines.splice(2, 0, `source     ${s.checkpoint} (${s.modelType}, ${(s.bytes / 1e9).toFixed(2)} GB), imported ${s.importedAt} as ${s.dtype}`);
+  }
   process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+async function runImport(values: Values, positionals: string[], signal: AbortSignal): Promise<void> {
+  if (positionals.length === 0) throw new UsageError('import needs a CHECKPOINT directory (see blip3o help import)');
+  if (positionals.length > 1) throw new UsageError(`import takes one CHECKPOINT, got ${JSON.stringify(positionals[1])} too`);
+  const out = stringOption(values, 'out');
+  if (out === undefined || out.length === 0) throw new UsageError('import needs --out DIR (see blip3o help import)');
+  const dtype = stringOption(values, 'dtype') as ImportDtype | undefined;
+  const stages = ['backbone', 'dit', 'decoder', 'vae'];
+  const bar = progressBar('import', 100 * stages.length);
+  let result;
+  try {
+    result = await importCheckpoint(positionals[0], {
+      out, dtype, name: stringOption(values, 'name'), signal,
+      onProgress: (e) => {
+        if (e.tensors === undefined || e.total === undefined) return;
+        bar.update({ stage: e.stage, step: Math.round((100 * e.tensors) / e.total), steps: 100 } as ProgressEvent);
+      },
+    });
+  } finally {
+    bar.clear();
+  }
+  if (values.json === true) {
+    process.stdout.write(`${JSON.stringify(result)}\n`);
+    return;
+  }
+  process.stdout.write(
+    `wrote ${result.bundle} (${(result.bundleBytes / 1e9).toFixed(2)} GB) from ${(result.checkpointBytes / 1e9).toFixed(2)} GB of checkpoint ` +
+      `in ${result.seconds.toFixed(1)} s; peak memory ${(result.peakRssBytes / 1e9).toFixed(2)} GB\n`,
+  );
 }
 
 async function runBenchCommand(values: Values, positionals: string[]): Promise<void> {
@@ -482,6 +542,7 @@ const commands: Record<string, (values: Values, positionals: string[], signal: A
   generate: runGenerate,
   describe: runDescribe,
   info: runInfo,
+  import: runImport,
   bench: runBenchCommand,
   eval: runEvalCommand,
 };
@@ -518,13 +579,13 @@ async function main(argv: string[]): Promise<number> {
       process.stdout.write(`${mainHelp}\n`);
       return 0;
     }
-    if (commandHelp[topic] === undefined) throw new UsageError(`unknown command ${JSON.stringify(topic)} (commands: generate, describe, info, bench, eval, help)`);
+    if (commandHelp[topic] === undefined) throw new UsageError(`unknown command ${JSON.stringify(topic)} (commands: generate, describe, info, import, bench, eval, help)`);
     process.stdout.write(`${commandHelp[topic]}\n`);
     return 0;
   }
   const run = commands[command];
   if (run === undefined) {
-    throw new UsageError(`unknown command ${JSON.stringify(command)} (commands: generate, describe, info, bench, eval, help; see blip3o --help)`);
+    throw new UsageError(`unknown command ${JSON.stringify(command)} (commands: generate, describe, info, import, bench, eval, help; see blip3o --help)`);
   }
   const options = commandOptions[command];
   const { values, positionals } = parseArgs({ args: joinNegativeNumbers(rest, options), options, allowPositionals: true, strict: true });
@@ -532,7 +593,8 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(`${commandHelp[command]}\n`);
     return 0;
   }
-  for (const [flag, choices] of [['device', deviceRequests], ['dtype', dtypeRequests], ['format', imageFormats]] as const) {
+  const dtypes = command === 'import' ? importDtypes : dtypeRequests;
+  for (const [flag, choices] of [['device', deviceRequests], ['dtype', dtypes], ['format', imageFormats]] as const) {
     const value = values[flag];
     if (typeof value === 'string' && !(choices as readonly string[]).includes(value)) {
       throw new UsageError(`--${flag} must be one of ${choices.join(', ')}; got ${JSON.stringify(value)}`);

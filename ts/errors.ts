@@ -11,7 +11,8 @@ export type Blip3oErrorCode =
   | 'BLIP3O_DISPOSED'
   | 'BLIP3O_DEVICE'
   | 'BLIP3O_RUNTIME'
-  | 'BLIP3O_BUSY';
+  | 'BLIP3O_BUSY'
+  | 'BLIP3O_CHECKPOINT';
 
 export class Blip3oError extends Error {
   readonly code: Blip3oErrorCode;
@@ -69,6 +70,14 @@ export class Blip3oRuntimeError extends Blip3oError {
 export class BusyError extends Blip3oError {
   constructor(message: string, options?: { cause?: unknown }) {
     super('BLIP3O_BUSY', message, options);
+  }
+}
+
+/** A checkpoint directory cannot be imported (importCheckpoint): not a BLIP3-o checkpoint, a missing or
+ * truncated file, a tensor of the wrong shape or dtype, an index naming files outside the directory. */
+export class CheckpointError extends Blip3oError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('BLIP3O_CHECKPOINT', message, options);
   }
 }
 

@@ -11,7 +11,7 @@ export type {
   ProgressEvent,
 } from './options';
 export type { ImageInput } from './image';
-export type { BundleManifest } from './manifest';
+export type { BundleManifest, BundleSource } from './manifest';
 export type { CudaGraphStatus, Device, DeviceRequest, Dtype, DtypeRequest, GenerationStage } from './native';
 export {
   AbortError,
@@ -20,11 +20,14 @@ export {
   Blip3oRuntimeError,
   BundleError,
   BusyError,
+  CheckpointError,
   DeviceError,
   DisposedError,
   InvalidArgumentError,
 } from './errors';
 export type { Blip3oErrorCode } from './errors';
+export { importCheckpoint, importDtypes } from './import';
+export type { ImportDtype, ImportOptions, ImportProgress, ImportResult } from './import';
 export { eulerDiscreteSchedule, flowMatchSigmas } from './schedules';
 export type {
   BetaSchedule,

@@ -68,6 +68,18 @@ export interface BundleManifest {
    * into calls freely (false, one call per sample on CPU, when the file has none). */
   batchInvariant: boolean;
   architecture?: Record<string, unknown>;
+  /** Set by the importer: the checkpoint a bundle was made from. */
+  source?: BundleSource;
+}
+
+/** The checkpoint an imported bundle was made from. */
+export interface BundleSource {
+  checkpoint: string;
+  modelType: string;
+  architectures?: string[];
+  bytes: number;
+  importedAt: string;
+  dtype: string;
 }
 
 /** Parses the manifest text the native loader validated. */

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Blip3oRuntimeError, BundleError, DisposedError, InvalidArgumentError, abortReason, fromNativeError } from './errors';
 import { encodeImage, loadVisionPixels, type ImageInput } from './image';
-import { parseManifest, type BundleManifest } from './manifest';
+import { parseManifest, type BundleManifest, type BundleSource } from './manifest';
 import {
   getBinding,
   packageRoot,
@@ -95,6 +95,8 @@ export interface ModelInfo {
   context: number;
   libtorch: string;
   defaults: { steps: number; cfg: number; decoderSteps: number; decoderCfg: number; shift: number; eta: number };
+  /** Where an imported bundle's weights came from (blip3o import); absent for exported ones. */
+  source?: BundleSource;
 }
 
 export interface RuntimeInfo extends NativeRuntimeInfo {
@@ -454,6 +456,7 @@ export class Blip3oModel {
         shift: manifest.sampler.dit.shift,
         eta: manifest.sampler.dit.eta,
       },
+      ...(manifest.source === undefined ? {} : { source: manifest.source }),
     };
   }
 
