@@ -5,6 +5,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { eulerDiscreteSchedule, flowMatchSigmas, type EulerDiscreteConfig } from '../ts/schedules';
+import { fidelity } from './fixtures/fidelity';
 
 const dir = join(__dirname, 'fidelity', 'fixtures');
 const meta = JSON.parse(readFileSync(join(dir, 'schedulers.json'), 'utf8'));
@@ -86,6 +87,8 @@ t.test('flowMatchSigmas gives diffusers FlowMatchEulerDiscreteScheduler(sigmas=l
     const s = flowMatchSigmas(steps, { shift, numTrainTimesteps: meta.cases[name].config.num_train_timesteps });
     sameFloat32(t, s.sigmas, get(`out.${name}.sigmas`), 0, `${name} sigmas`);
     sameFloat32(t, s.timesteps, get(`out.${name}.timesteps`), 0, `${name} timesteps`);
+    fidelity(t, `DiT schedule (${steps} steps, shift ${shift}) vs diffusers' FlowMatchEulerDiscreteScheduler, sigmas and timesteps, worst ulp`,
+      Math.max(worst(s.sigmas, get(`out.${name}.sigmas`)).ulps, worst(s.timesteps, get(`out.${name}.timesteps`)).ulps), 0);
   }
 });
 
@@ -94,6 +97,9 @@ t.test("integerTimesteps gives the official DiT sampler's integer timesteps", as
   for (const [name, steps, shift] of [['flow30', 30, 1], ['flow4', 4, 1], ['flow30_shift3', 30, 3]] as const) {
     const s = flowMatchSigmas(steps, { shift, integerTimesteps: true });
     t.same(s.timesteps, get(`out.${name}.timesteps_int64`), `${name}: timesteps`);
+    const want = get(`out.${name}.timesteps_int64`);
+    fidelity(t, `DiT integer timesteps (${steps} steps, shift ${shift}) vs the official sampler's, timesteps differing`,
+      s.timesteps.filter((v, i) => v !== want[i]).length, 0);
     sameFloat32(t, s.sigmas, get(`out.${name}.sigmas`), 0, `${name}: sigmas unchanged`);
   }
   t.not(flowMatchSigmas(30).timesteps[1], get('out.flow30.timesteps_int64')[1], 'without it the timesteps are the float ones');
@@ -114,6 +120,9 @@ t.test('eulerDiscreteSchedule timesteps and init_noise_sigma equal diffusers Eul
     t.equal(meta.cases[name].call, `EulerDiscreteScheduler.from_config(cfg).set_timesteps(${steps})`);
     const s = eulerDiscreteSchedule(steps, sdxl);
     t.same(s.timesteps, get(`out.${name}.timesteps`), `${name} timesteps`);
+    const want = get(`out.${name}.timesteps`);
+    fidelity(t, `decoder schedule (${steps} steps) vs diffusers' EulerDiscreteScheduler (SDXL config), timesteps differing`,
+      s.timesteps.filter((v, i) => v !== want[i]).length, 0);
     t.equal(s.timesteps[0], steps === 50 ? 981 : 853, `${name}: leading spacing with steps_offset 1`);
     // init_noise_sigma = sqrt(max^2 + 1) for leading spacing, in float32: the schedule's formula on diffusers'
     // largest sigma gives diffusers' value exactly; the schedule's own value inherits its sigma_max's
@@ -160,6 +169,8 @@ t.test('eulerDiscreteSchedule sigmas against diffusers (float32 training sigmas)
     // the schedule (float64 training sigmas): within 5e-6 relative of diffusers' float32 ones
     const w = worst(s.sigmas, want);
     t.ok(w.relative <= 5e-6, `${name} sigmas: worst relative ${w.relative.toExponential(2)} (${w.ulps} ulp at ${w.at}) <= 5e-6`);
+    fidelity(t, `decoder schedule (${steps} steps) vs diffusers' EulerDiscreteScheduler (SDXL config), sigmas, worst relative difference`,
+      w.relative, 5e-6);
     t.comment(`${name}: schedule vs diffusers sigmas: worst ${w.ulps} ulp, relative ${w.relative.toExponential(2)} at index ${w.at}`);
     // the float32 training sigmas give diffusers' values (np.interp at integer timesteps picks them as they are)
     const emulated = [...s.timesteps.map((ts) => train32[ts]), 0];

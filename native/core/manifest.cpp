@@ -274,6 +274,20 @@ Manifest readManifest(const std::string& dirArg) {
   }
   if (root.contains("architecture") && !root["architecture"].is_object())
     fail("architecture", "must be an object when present");
+  if (root.contains("architecture") && root["architecture"].contains("backbone") &&
+      root["architecture"]["backbone"].is_object() && root["architecture"]["backbone"].contains("mrope_section")) {
+    const auto& sections = root["architecture"]["backbone"]["mrope_section"];
+    int64_t sum = 0;
+    if (!sections.is_array()) fail("architecture.backbone.mrope_section", "must be an array of positive integers");
+    for (const auto& s : sections) {
+      if (!s.is_number_integer() || s.get<int64_t>() <= 0 || s.get<int64_t>() > 4096)
+        fail("architecture.backbone.mrope_section", "must be an array of positive integers");
+      m.mropeSection.push_back(s.get<int64_t>());
+      sum += s.get<int64_t>();
+    }
+    if (!m.mropeSection.empty() && 2 * sum != m.backbone.headDim)
+      fail("architecture.backbone.mrope_section", "must sum to backbone.headDim / 2");
+  }
   return m;
 }
 

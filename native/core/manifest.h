@@ -28,6 +28,9 @@ struct Manifest {
   struct {
     int64_t hidden, layers, heads, kvHeads, headDim, vocab, context, queryTokens;
   } backbone{};
+  // architecture.backbone.mrope_section (optional): Qwen2.5-VL's multimodal RoPE sections; non-empty: an
+  // image prompt's tokens get 3-D positions (backbone.pt's prefill_mrope / decode_mrope)
+  std::vector<int64_t> mropeSection;
   struct {
     int64_t patch, merge, minPixels, maxPixels;
     std::array<double, 3> mean, std;

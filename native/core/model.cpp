@@ -187,6 +187,9 @@ struct Model::Impl {
   torch::ScalarType dtype = torch::kFloat32;
   torch::jit::Module backbone, dit, decoder, vae;
   bool ditPrepares = false;  // dit.pt has prepare() + step(): the condition's share is computed once per loop
+  // Qwen2.5-VL's multimodal RoPE (manifest mropeSection): understanding prefills with 3-D positions and
+  // decodes with decode_mrope (KV-cache slot and rope position apart); text alone gives the same as 1-D
+  bool mrope = false;
   // CPU, float32: a lone sample's decoder and VAE calls run on every pool thread (see bindConvolutions)
   bool decoderWidens = false, vaeWidens = false;
   // ... with MKL's GEMMs on every thread too: only where checked at load to give the same bytes
@@ -196,7 +199,7 @@ struct Model::Impl {
   // CUDA graphs (LoadOptions::cudaGraphs on CUDA), captured at the first use of each shape: the DiT
   // step by its rows, the decode step by its KV-cache length. A loop whose capture failed stays eager.
   struct DitGraph { torch::Tensor in, t; torch::IValue condition; std::unique_ptr<CudaGraph> graph; };
-  struct DecodeGraph { torch::Tensor cache, input, position; std::unique_ptr<CudaGraph> graph; };
+  struct DecodeGraph { torch::Tensor cache, input, slot, position; std::unique_ptr<CudaGraph> graph; };
   bool graphs = false;
   bool ditEager = false, decodeEager = false;
   std::map<int64_t, DitGraph> ditGraphs;
@@ -450,8 +453,43 @@ struct Model::Impl {
     g.cache = backbone.run_method("new_cache", 1, length).toTensor();
     g.input = torch::zeros({1, 1}, torch::TensorOptions().dtype(torch::kLong).device(device));
     g.position = torch::zeros({1}, g.input.options());
-    return keep(decodeGraphs, length, g, [&] { return backbone.run_method("decode", g.input, g.position, g.cache).toTensor(); },
+    g.slot = torch::zeros({1}, g.input.options());
+    return keep(decodeGraphs, length, g, [&] { return decodeCall(g.input, g.slot, g.position, g.cache); },
                 decodeEager, &GraphStatus::Text::decode, "cache positions");
+  }
+
+  // One decode step: the token at KV-cache index `slot`, rotated by `position` (the same without M-RoPE).
+  torch::Tensor decodeCall(const torch::Tensor& input, const torch::Tensor& slot, const torch::Tensor& position,
+                           const torch::Tensor& cache) {
+    if (mrope) return backbone.run_method("decode_mrope", input, slot, position, cache).toTensor();
+    return backbone.run_method("decode", input, position, cache).toTensor();
+  }
+
+  // The [3, L] rope positions of a prompt whose image (merged grid rows x cols) fills its image pad tokens,
+  // as Qwen2.5-VL's get_rope_index gives them, and the rope delta of the tokens decoded after it (their
+  // position is their cache index + delta). A text token takes (p, p, p) and advances p; the image's
+  // token at (r, c) takes (s, s + r, s + c) where s is p at its start, and p becomes s + max(rows, cols).
+  std::pair<torch::Tensor, int64_t> ropePositions(const std::vector<int64_t>& ids, int64_t rows, int64_t cols) const {
+    const int64_t L = int64_t(ids.size());
+    torch::Tensor pos = torch::empty({3, L}, torch::kLong);
+    auto p3 = pos.accessor<int64_t, 2>();
+    int64_t p = 0, i = 0;
+    bool imageDone = false;
+    while (i < L) {
+      if (ids[i] != manifest.imagePadToken || imageDone) {
+        p3[0][i] = p3[1][i] = p3[2][i] = p;
+        ++p, ++i;
+        continue;
+      }
+      for (int64_t k = 0; k < rows * cols; ++k, ++i) {
+        if (i >= L || ids[i] != manifest.imagePadToken)
+          throw Error(ErrorCode::InvalidArgument, "the prompt has fewer image pad tokens than the image has merged tokens");
+        p3[0][i] = p, p3[1][i] = p + k / cols, p3[2][i] = p + k % cols;
+      }
+      p += std::max(rows, cols);
+      imageDone = true;
+    }
+    return {pos.to(device), p - L};
   }
 
   // Captures `call`, which reads g's buffers, as g's graph and keeps g under `key`; the loop's status
@@ -624,7 +662,12 @@ std::unique_ptr<Model> Model::load(const std::string& bundleDir, const LoadOptio
     module.to(impl->dtype);
     return frozen(module, {methods.begin(), methods.end()});
   };
-  impl->backbone = loadModule("backbone", {std::begin(kBackboneMethods), std::end(kBackboneMethods)});
+  impl->backbone = loadModule("backbone", {std::begin(kBackboneMethods), std::end(kBackboneMethods)},
+                              {"prefill_mrope", "decode_mrope"});
+  impl->mrope = !impl->manifest.mropeSection.empty();
+  if (impl->mrope && !(impl->backbone.find_method("prefill_mrope") && impl->backbone.find_method("decode_mrope")))
+    throw Error(ErrorCode::Bundle, impl->manifest.files.at("backbone").path +
+                                       " has no prefill_mrope / decode_mrope, which architecture.backbone.mrope_section needs");
   impl->dit = loadModule("dit", {"forward"}, {"prepare", "step"});
   impl->ditPrepares = impl->dit.find_method("prepare") && impl->dit.find_method("step");
   impl->decoder = loadModule("decoder", {"forward"});
@@ -758,7 +801,17 @@ DescribeResult Model::describe(const DescribeRequest& req, const JobHooks& hooks
   const int64_t cacheLength = m.cacheLength(L + req.maxTokens);
   Impl::DecodeGraph* graph = m.graphs ? m.decodeGraph(cacheLength) : nullptr;
   torch::Tensor cache = graph ? graph->cache : m.backbone.run_method("new_cache", 1, cacheLength).toTensor();
-  torch::Tensor logits = m.backbone.run_method("prefill", embeds, cache).toTensor();
+  // M-RoPE: an image prompt's 3-D positions (text alone: 1-D, delta 0)
+  int64_t delta = 0;
+  torch::Tensor logits;
+  if (m.mrope) {
+    const int64_t unit = mf.vision.patch * mf.vision.merge;
+    torch::Tensor positions = torch::arange(L, ids.options()).expand({3, L});
+    if (!req.pixels.empty()) std::tie(positions, delta) = m.ropePositions(req.ids, req.height / unit, req.width / unit);
+    logits = m.backbone.run_method("prefill_mrope", embeds, positions, cache).toTensor();
+  } else {
+    logits = m.backbone.run_method("prefill", embeds, cache).toTensor();
+  }
   m.sync();
   result.prefillMs = msSince(t0);
 
@@ -774,15 +827,16 @@ DescribeResult Model::describe(const DescribeRequest& req, const JobHooks& hooks
     result.tokens.push_back(token);
     if (hooks.token) hooks.token(token);
     if (int64_t(result.tokens.size()) >= req.maxTokens) break;
-    const int64_t position = L + int64_t(result.tokens.size()) - 1;
+    const int64_t slot = L + int64_t(result.tokens.size()) - 1, position = slot + delta;
     if (graph) {
       graph->input.fill_(token);
+      graph->slot.fill_(slot);
       graph->position.fill_(position);
       logits = graph->graph->replay();
     } else {
       auto longs = torch::TensorOptions().dtype(torch::kLong).device(m.device);
-      logits = m.backbone.run_method("decode", torch::full({1, 1}, token, longs), torch::full({1}, position, longs), cache)
-                   .toTensor();
+      logits = m.decodeCall(torch::full({1, 1}, token, longs), torch::full({1}, slot, longs),
+                            torch::full({1}, position, longs), cache);
     }
   }
   result.decodeMs = msSince(t1);
