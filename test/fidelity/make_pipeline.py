@@ -68,6 +68,8 @@ import subprocess
 import sys
 import types
 
+from make_fixtures import git_commit, setup_torch  # (this folder: the script's directory is on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 TINY = os.path.join(ROOT, "models", "tiny")
@@ -122,18 +124,6 @@ SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.2
 FLOW = {"num_train_timesteps": 1000, "shift": 1.0}
 
 
-def git_commit(path):
-    if not path:
-        return None
-    try:
-        out = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True)
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except OSError:
-        pass
-    return None
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--diffusers-legacy-src", default=os.environ.get("DIFFUSERS_LEGACY_SRC"))
@@ -180,13 +170,6 @@ def driver(args):
 # ----------------------------------------------------------------------------------------------------------
 # worker helpers
 # ----------------------------------------------------------------------------------------------------------
-
-def setup_torch():
-    import torch
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    return torch
-
 
 def randomize_(named, seed):
     """Seeded random values, rounded to bfloat16, for every floating tensor of `named` (name -> tensor),
