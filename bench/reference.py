@@ -47,11 +47,14 @@ def flow_match_schedule(steps: int, shift: float, integer: bool = False) -> Tupl
 
 def train_sigmas(cfg: dict) -> np.ndarray:
     """sigma(t) = sqrt((1 - alphas_cumprod) / alphas_cumprod) for t = 0 .. numTrainTimesteps - 1 of the
-    decoder's scaled-linear schedule (float64)."""
+    decoder's beta schedule, in float32 as diffusers' EulerDiscreteScheduler computes them."""
     n = cfg["numTrainTimesteps"]
-    betas = np.linspace(cfg["betaStart"] ** 0.5, cfg["betaEnd"] ** 0.5, n, dtype=np.float64) ** 2
-    alphas_cumprod = np.cumprod(1.0 - betas)
-    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    if cfg["betaSchedule"] == "scaled_linear":
+        betas = torch.linspace(cfg["betaStart"] ** 0.5, cfg["betaEnd"] ** 0.5, n, dtype=torch.float32) ** 2
+    else:
+        betas = torch.linspace(cfg["betaStart"], cfg["betaEnd"], n, dtype=torch.float32)
+    alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
 
 
 def euler_discrete_schedule(cfg: dict, steps: int) -> Tuple[Tensor, Tensor, float]:

@@ -133,10 +133,12 @@ t.test('eulerDiscreteSchedule equals diffusers EulerDiscreteScheduler', async (t
         const s = eulerDiscreteSchedule(steps, config);
         const ref = refEuler(steps, config);
         const what = `${spacing} ${schedule} ${steps}`;
-        // Timesteps are integers (leading, trailing) or float32 values (linspace).
+        // Timesteps are integers (leading, trailing) or float32 values (linspace). The sigmas follow
+        // diffusers' float32 arithmetic (schedulers-fidelity.test.ts: within one ulp of its values), which
+        // drifts from this float64 model by up to 1.5e-5 (linear betas) at the smallest sigmas.
         close(t, s.timesteps, ref.timesteps, 1e-7, `${what} timesteps`);
-        close(t, s.sigmas, ref.sigmas, 1e-7, `${what} sigmas`);
-        t.ok(Math.abs(s.initNoiseSigma - ref.init) / ref.init < 1e-7, `${what} init sigma ${s.initNoiseSigma} vs ${ref.init}`);
+        close(t, s.sigmas, ref.sigmas, 2e-5, `${what} sigmas`);
+        t.ok(Math.abs(s.initNoiseSigma - ref.init) / ref.init < 2e-5, `${what} init sigma ${s.initNoiseSigma} vs ${ref.init}`);
       }
     }
   }

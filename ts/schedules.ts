@@ -99,27 +99,42 @@ export function flowMatchSigmas(steps: number, options: FlowMatchOptions = {}): 
   return { sigmas: [...sigmas, 0], timesteps };
 }
 
+/** torch.linspace(start, stop, num) in float32 as torch computes it on CPU: the first half from start,
+ * the second from stop, each value rounded once. */
+function linspace32(start: number, stop: number, num: number): number[] {
+  const a = f32(start), b = f32(stop);
+  const step = num > 1 ? f32(f32(b - a) / (num - 1)) : 0;
+  const half = Math.floor(num / 2);
+  return Array.from({ length: num }, (_, i) => (i < half ? f32(a + step * i) : f32(b - step * (num - 1 - i))));
+}
+
+/**
+ * sigma(t) = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]) for every training timestep t, in float32
+ * as diffusers' EulerDiscreteScheduler has them (float32 betas; torch's cumprod of float32 accumulates in
+ * double and stores float32): within one float32 ulp of diffusers' values (float64 throughout was up to
+ * 2.4e-6 off).
+ */
+function trainingSigmas(numTrain: number, betaStart: number, betaEnd: number, schedule: BetaSchedule): number[] {
+  const scaled = schedule === 'scaled_linear';
+  const base = scaled ? linspace32(Math.sqrt(betaStart), Math.sqrt(betaEnd), numTrain) : linspace32(betaStart, betaEnd, numTrain);
+  let cumprod = 1;
+  return base.map((x) => {
+    const beta = scaled ? f32(x * x) : x;
+    cumprod *= f32(1 - beta);
+    const a = f32(cumprod);
+    return f32(Math.sqrt(f32(f32(1 - a) / a)));
+  });
+}
+
 /** The decoder schedule of diffusers' EulerDiscreteScheduler (linear interpolation, final sigma 0). */
 export function eulerDiscreteSchedule(steps: number, config: EulerDiscreteConfig): EulerDiscreteSchedule {
   checkSteps(steps);
   const { numTrainTimesteps: numTrain, betaStart, betaEnd, betaSchedule, timestepSpacing, stepsOffset } = config;
 
-  let betas: number[];
-  if (betaSchedule === 'linear') {
-    betas = linspace(betaStart, betaEnd, numTrain);
-  } else if (betaSchedule === 'scaled_linear') {
-    betas = linspace(Math.sqrt(betaStart), Math.sqrt(betaEnd), numTrain).map((b) => b * b);
-  } else {
+  if (betaSchedule !== 'linear' && betaSchedule !== 'scaled_linear') {
     throw new InvalidArgumentError(`unsupported beta schedule ${JSON.stringify(betaSchedule)}`);
   }
-
-  // sigma(t) = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]) for every training timestep t.
-  const trainSigmas: number[] = [];
-  let alphasCumprod = 1;
-  for (const beta of betas) {
-    alphasCumprod *= 1 - beta;
-    trainSigmas.push(Math.sqrt((1 - alphasCumprod) / alphasCumprod));
-  }
+  const trainSigmas = trainingSigmas(numTrain, betaStart, betaEnd, betaSchedule);
 
   let timesteps: number[];
   if (timestepSpacing === 'linspace') {

@@ -555,7 +555,9 @@ struct Model::Impl {
       const double s = req.decoderSigmas[i], dsigma = req.decoderSigmas[i + 1] - s;
       const bool widen = lone && decoderWidening.next();
       auto c0 = Clock::now();
-      stepCalls(calls, z / std::sqrt(s * s + 1), pairs, "decoder.pt",
+      // the input scale in float32, as diffusers' scale_model_input computes it from its float32 sigma
+      const float scale = std::sqrt(float(float(s) * float(s)) + 1.0f);
+      stepCalls(calls, z / scale, pairs, "decoder.pt",
                 [&](RowCall& c) { return call(decoder, {c.in, c.t[i], c.condition}); }, widen, clock,
                 decoderWidensBlas);
       if (lone) decoderWidening.record(widen, msSince(c0));
