@@ -135,7 +135,7 @@ def manifest(preset: Preset, dtype: str, bundle: Path, name: Optional[str] = Non
                    "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
         "clip": {"tokens": preset.dit.tokens, "width": preset.dit.channels},
         "latent": {"channels": c, "height": h, "width": w},
-        "vae": {"scalingFactor": preset.vae.scaling_factor},
+        "vae": {"scalingFactor": preset.vae.scaling_factor, **({"forceUpcast": True} if preset.vae.force_upcast else {})},
         "tokens": {"img": ids["[IMG]"], "imagePad": ids["<|image_pad|>"],
                    "stop": sorted([ids["<|endoftext|>"], ids["<|im_end|>"]])},
         "templates": dict(templates or TEMPLATES),

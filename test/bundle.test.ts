@@ -78,6 +78,7 @@ t.test('bundle validation', { skip: skipWithoutRuntime }, async (t) => {
     await rejectsWith(t, brokenCopy((_, m) => (m.sampler.dit.eta = 'some')), /sampler\.dit\.eta must be a finite number/);
     await rejectsWith(t, brokenCopy((_, m) => (m.batchInvariant = 'yes')), /batchInvariant must be true or false/);
     await rejectsWith(t, brokenCopy((_, m) => (m.sampler.dit.integerTimesteps = 1)), /sampler\.dit\.integerTimesteps must be true or false/);
+    await rejectsWith(t, brokenCopy((_, m) => (m.vae.forceUpcast = 'yes')), /vae\.forceUpcast must be true or false/);
   });
 
   t.test('another format or formatVersion', async (t) => {

@@ -44,7 +44,8 @@ export interface BundleManifest {
   };
   clip: { tokens: number; width: number };
   latent: { channels: number; height: number; width: number };
-  vae: { scalingFactor: number };
+  /** forceUpcast: the VAE decodes in float32 when the model runs in float16 (SDXL's VAE overflows). */
+  vae: { scalingFactor: number; forceUpcast?: boolean };
   tokens: { img: number; imagePad: number; stop: number[] };
   templates: {
     generation: string;

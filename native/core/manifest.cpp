@@ -214,6 +214,10 @@ Manifest readManifest(const std::string& dirArg) {
   m.latentHeight = f.positiveInt("latent.height", 4096);
   m.latentWidth = f.positiveInt("latent.width", 4096);
   m.vaeScalingFactor = f.number("vae.scalingFactor", true);
+  if (f.at("vae").contains("forceUpcast")) {
+    if (!f.at("vae")["forceUpcast"].is_boolean()) fail("vae.forceUpcast", "must be true or false when present");
+    m.vaeForceUpcast = f.at("vae")["forceUpcast"].get<bool>();
+  }
   // The DiT lays the CLIP tokens on a square grid; the VAE scales both latent axes by one factor.
   const int64_t grid = int64_t(std::llround(std::sqrt(double(m.clipTokens))));
   if (grid * grid != m.clipTokens) fail("clip.tokens", "must be a square number (the tokens form a square grid)");

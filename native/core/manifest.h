@@ -38,6 +38,7 @@ struct Manifest {
   int64_t clipTokens = 0, clipWidth = 0;
   int64_t latentChannels = 0, latentHeight = 0, latentWidth = 0;
   double vaeScalingFactor = 0;
+  bool vaeForceUpcast = false;  // vae.forceUpcast (optional): decode in float32 when the model runs in float16
   int64_t imgToken = 0, imagePadToken = 0;
   std::vector<int64_t> stopTokens;
   std::string generationTemplate, understandingTemplate, negativePrompt, defaultQuestion;

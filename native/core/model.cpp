@@ -185,6 +185,7 @@ struct Model::Impl {
   std::string deviceName, dtypeName;
   torch::Device device{torch::kCPU};
   torch::ScalarType dtype = torch::kFloat32;
+  torch::ScalarType vaeDtype = torch::kFloat32;  // the VAE's: dtype, or float32 where it must not run in float16
   torch::jit::Module backbone, dit, decoder, vae;
   bool ditPrepares = false;  // dit.pt has prepare() + step(): the condition's share is computed once per loop
   // Qwen2.5-VL's multimodal RoPE (manifest mropeSection): understanding prefills with 3-D positions and
@@ -644,7 +645,8 @@ std::unique_ptr<Model> Model::load(const std::string& bundleDir, const LoadOptio
   c10::InferenceMode notInference(false);
   torch::NoGradGuard noGrad;
   // `optional` methods are kept (frozen with the rest) when the file has them.
-  auto loadModule = [&](const char* key, std::vector<const char*> methods, std::vector<const char*> optional = {}) {
+  auto loadModule = [&](const char* key, std::vector<const char*> methods, std::vector<const char*> optional = {},
+                        std::optional<torch::ScalarType> dtype = std::nullopt) {
     if (check) check();
     const BundleFile& file = impl->manifest.files.at(key);
     torch::jit::Module module;
@@ -661,7 +663,7 @@ std::unique_ptr<Model> Model::load(const std::string& bundleDir, const LoadOptio
     for (const char* method : optional)
       if (module.find_method(method)) methods.push_back(method);
     module.eval();
-    module.to(impl->dtype);
+    module.to(dtype.value_or(impl->dtype));
     return frozen(module, {methods.begin(), methods.end()});
   };
   impl->backbone = loadModule("backbone", {std::begin(kBackboneMethods), std::end(kBackboneMethods)},
@@ -673,7 +675,9 @@ std::unique_ptr<Model> Model::load(const std::string& bundleDir, const LoadOptio
   impl->dit = loadModule("dit", {"forward"}, {"prepare", "step"});
   impl->ditPrepares = impl->dit.find_method("prepare") && impl->dit.find_method("step");
   impl->decoder = loadModule("decoder", {"forward"});
-  impl->vae = loadModule("vae", {"forward"});
+  // SDXL's VAE overflows in float16 (its config's force_upcast): it then decodes in float32, as diffusers does
+  impl->vaeDtype = impl->manifest.vaeForceUpcast && impl->dtype == torch::kFloat16 ? torch::kFloat32 : impl->dtype;
+  impl->vae = loadModule("vae", {"forward"}, {}, impl->vaeDtype);
   if (!impl->device.is_cuda() && impl->dtype == torch::kFloat32) {
     impl->decoderWidens = bindConvolutions(impl->decoder);
     impl->vaeWidens = bindConvolutions(impl->vae);
@@ -756,7 +760,7 @@ GenerateResult Model::generate(const GenerateRequest& req, const JobHooks& hooks
   std::vector<torch::Tensor> images(groups.size());
   m.parallel(groups.size(), [&](int g) {
     torch::Tensor latents = (z.narrow(0, groups[g].first, groups[g].second) / mf.vaeScalingFactor)
-                                .to(m.dtype)
+                                .to(m.vaeDtype)
                                 .contiguous(Impl::imageFormat(m.vaeWidens));
     torch::Tensor image = m.spans.time(g, [&] { return m.call(m.vae, {latents}); });
     Impl::expectShape("vae.pt", image, {groups[g].second, 3, mf.imageHeight, mf.imageWidth});

@@ -43,6 +43,7 @@ def test_import_writes_a_bundle_of_the_checkpoint(checkpoint, tmp_path):
     assert m["templates"]["negative"] == "[IMG]"
     assert m["image"] == {"width": 64, "height": 64} and m["latent"] == {"channels": 4, "height": 32, "width": 32}
     assert m["tokens"]["img"] == 151665
+    assert m["vae"]["forceUpcast"] is True  # SDXL's VAE config: decoded in float32 when the model runs in float16
     assert [e["stage"] for e in events if e.get("written")] == ["backbone", "dit", "decoder", "vae"]
     assert result["peakRssBytes"] > 0 and result["checkpointBytes"] > 0
     assert leftovers(tmp_path) == ["bundle"]
