@@ -146,8 +146,11 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """x [N, width] (one image) or [B, N, width] (a batch of same-size images, training)."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
+                windows: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
+        """x [N, width] (one image) or [B, N, width] (a batch of same-size images, training). mask: which
+        keys each query attends to; windows (one image): attention within windows instead, computed window
+        by window (see VisionTower.windows)."""
         batched = x.dim() == 3
         xb = x if batched else x.unsqueeze(0)
         B, N = xb.shape[0], xb.shape[1]
@@ -156,6 +159,14 @@ class VisionAttention(nn.Module):
             q, k = apply_rope(q.float(), cos, sin).to(v.dtype), apply_rope(k.float(), cos, sin).to(v.dtype)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if windows is not None and not batched:
+            gather, keys, slots = windows
+            nw, S = keys.shape[0], keys.shape[-1]
+            q = q[0].index_select(1, gather).view(self.heads, nw, S, self.head_dim).transpose(0, 1)
+            k = k[0].index_select(1, gather).view(self.heads, nw, S, self.head_dim).transpose(0, 1)
+            v = v[0].index_select(1, gather).view(self.heads, nw, S, self.head_dim).transpose(0, 1)
+            y = attention(q, k, v, keys)  # [windows, heads, S, d]
+            return self.proj(y.transpose(1, 2).reshape(nw * S, -1).index_select(0, slots))
         y = attention(q, k, v, mask)  # [B, heads, N, d]
         y = self.proj(y.transpose(1, 2).reshape(B, N, -1))
         return y if batched else y[0]
@@ -170,8 +181,12 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.width, cfg.eps)
         self.mlp = SwiGLU(cfg.width, cfg.ffn, bias=True)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, window_mask: Optional[Tensor]) -> Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, window_mask if self.windowed else None)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, window_mask: Optional[Tensor],
+                windows: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
+        if self.windowed:
+            x = x + self.attn(self.norm1(x), cos, sin, window_mask, windows)
+        else:
+            x = x + self.attn(self.norm1(x), cos, sin, None)
         return x + self.mlp(self.norm2(x))
 
 
@@ -229,16 +244,38 @@ class VisionTower(nn.Module):
         if not self.rope_float32:
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         window_mask: Optional[Tensor] = None
+        windows: Optional[Tuple[Tensor, Tensor, Tensor]] = None
         if self.window > 0:
             # windows of window x window merged tokens (Qwen2.5-VL: 112 px = 4 x 4), tiled from the top
             # left; the last row / column of windows holds what is left (partial windows at the bottom and
             # right edges), as transformers' get_vision_window_index partitions them
             w = self.window * m
             win = (rows // w) * ((gw + w - 1) // w) + cols // w
-            window_mask = win[:, None] == win[None, :]
+            if B == 1:
+                windows = self.windows(win, ((gh + w - 1) // w) * ((gw + w - 1) // w), w * w)
+            else:
+                window_mask = win[:, None] == win[None, :]
         for block in self.blocks:
-            x = block(x, cos, sin, window_mask)
+            x = block(x, cos, sin, window_mask, windows)
         return self.merger(x)
+
+    def windows(self, win: Tensor, count: int, size: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """Window attention as a batch of windows (O(N x size) work, not the O(N^2) of a mask over all
+        pairs): for tokens whose window is `win` [N] (count windows of at most size tokens), the token
+        each padded window slot holds (gather [count * size]; padding holds token 0), which slots are
+        real keys (keys [count, 1, 1, size]), and each token's slot (slots [N])."""
+        order = torch.sort(win, stable=True)[1]  # tokens window by window
+        n = torch.zeros(count, dtype=torch.long, device=win.device).index_add_(0, win, torch.ones_like(win))
+        first = torch.cumsum(n, 0) - n
+        ordered = win.index_select(0, order)
+        slot_of_ordered = ordered * size + torch.arange(win.shape[0], device=win.device) - first.index_select(0, ordered)
+        gather = torch.zeros(count * size, dtype=torch.long, device=win.device)
+        gather[slot_of_ordered] = order
+        keys = torch.zeros(count * size, dtype=torch.bool, device=win.device)
+        keys[slot_of_ordered] = True
+        slots = torch.empty_like(win)
+        slots[order] = slot_of_ordered
+        return gather, keys.view(count, 1, 1, size), slots
 
 
 class Backbone(nn.Module):
