@@ -31,9 +31,10 @@ t.test('import, then info, generate and describe through the runtime', { skip: p
   const bundle = path.join(scratch, 'bundle');
   const imported = run(['import', checkpoint, '--out', bundle, '--dtype', 'float32', '--json']);
   t.equal(imported.code, 0, imported.stderr);
-  const result = JSON.parse(imported.stdout) as { bundle: string; peakRssBytes: number; bundleBytes: number };
+  const result = JSON.parse(imported.stdout) as { bundle: string; peakRssBytes: number; peakAnonymousBytes: number; bundleBytes: number };
   t.equal(result.bundle, bundle);
   t.ok(result.peakRssBytes > 0 && result.bundleBytes > 0);
+  t.ok(result.peakAnonymousBytes > 0 && result.peakAnonymousBytes <= result.peakRssBytes, 'its own memory, part of the resident');
 
   const info = run(['info', '--model', bundle]);
   t.equal(info.code, 0, info.stderr);

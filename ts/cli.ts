@@ -483,7 +483,9 @@ async function runImport(values: Values, positionals: string[], signal: AbortSig
   }
   process.stdout.write(
     `wrote ${result.bundle} (${(result.bundleBytes / 1e9).toFixed(2)} GB) from ${(result.checkpointBytes / 1e9).toFixed(2)} GB of checkpoint ` +
-      `in ${result.seconds.toFixed(1)} s; peak memory ${(result.peakRssBytes / 1e9).toFixed(2)} GB\n`,
+      `in ${result.seconds.toFixed(1)} s; peak memory ${(result.peakRssBytes / 1e9).toFixed(2)} GB resident` +
+      (result.peakAnonymousBytes === null ? '' : `, ${(result.peakAnonymousBytes / 1e9).toFixed(2)} GB of it its own (the rest: the checkpoint's mapped files)`) +
+      '\n',
   );
 }
 

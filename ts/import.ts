@@ -37,8 +37,11 @@ export interface ImportResult {
   bundle: string;
   name: string;
   seconds: number;
-  /** The importing process's peak resident memory, and the sizes read and written. */
+  /** The importing process's peak resident memory (the checkpoint's memory-mapped pages included), its
+   * peak anonymous memory (its own: what the import needs beside the page cache; null without /proc),
+   * and the sizes read and written. */
   peakRssBytes: number;
+  peakAnonymousBytes: number | null;
   checkpointBytes: number;
   bundleBytes: number;
 }

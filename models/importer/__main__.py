@@ -52,8 +52,10 @@ def main() -> int:
     if a.json:
         emit({"event": "done", **result})
     else:
+        own = result["peakAnonymousBytes"]
         print(f"wrote {result['bundle']} ({result['bundleBytes'] / 1e6:.1f} MB) from {result['checkpointBytes'] / 1e6:.1f} MB "
-              f"of checkpoint in {result['seconds']:.1f} s; peak memory {result['peakRssBytes'] / 1e6:.0f} MB")
+              f"of checkpoint in {result['seconds']:.1f} s; peak memory {result['peakRssBytes'] / 1e6:.0f} MB resident"
+              + ("" if own is None else f", {own / 1e6:.0f} MB of it its own (the rest: the checkpoint's mapped files)"))
     return 0
 
 

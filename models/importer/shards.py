@@ -1,15 +1,17 @@
 """The safetensors files of a checkpoint (a model's, or one of diffusers' folders): which file holds each
 tensor, with its dtype and shape from the files' headers, checked before anything is loaded; tensors are
-then read one at a time (each file memory-mapped), so an import holds one component, never the checkpoint.
+then views of the memory-mapped files (no copy: the page cache holds their bytes and may drop them again),
+so an import holds in its own memory only what it converts.
 """
 import json
+import mmap
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
-from safetensors import safe_open
 
 # safetensors dtype names -> torch
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -24,10 +26,10 @@ class CheckpointError(ValueError):
 
 
 class TensorInfo:
-    __slots__ = ("file", "dtype", "shape")
+    __slots__ = ("file", "dtype", "shape", "offset")
 
-    def __init__(self, file: Path, dtype: str, shape: Tuple[int, ...]):
-        self.file, self.dtype, self.shape = file, dtype, shape
+    def __init__(self, file: Path, dtype: str, shape: Tuple[int, ...], offset: int):
+        self.file, self.dtype, self.shape, self.offset = file, dtype, shape, offset  # offset: of its bytes in the file
 
 
 def read_header(path: Path) -> Dict[str, TensorInfo]:
@@ -60,7 +62,7 @@ def read_header(path: Path) -> Dict[str, TensorInfo]:
             count *= d
         if dtype not in ITEM_BYTES or stop - begin != count * ITEM_BYTES[dtype]:
             raise CheckpointError(f"{path}: tensor {name} has dtype {dtype} and shape {list(shape)} but {stop - begin} bytes")
-        out[name] = TensorInfo(path, dtype, shape)
+        out[name] = TensorInfo(path, dtype, shape, 8 + length + begin)
         end = max(end, stop)
     if 8 + length + end > size:
         raise CheckpointError(f"{path}: truncated ({size} bytes, the header needs {8 + length + end}); download it again")
@@ -112,7 +114,7 @@ class Shards:
                 if name in self.tensors:
                     raise CheckpointError(f"{directory}: tensor {name} is in both {self.tensors[name].file.name} and {f.name}")
                 self.tensors[name] = info
-        self._open: Dict[Path, object] = {}
+        self._maps: Dict[Path, mmap.mmap] = {}
 
     @property
     def nbytes(self) -> int:
@@ -122,11 +124,22 @@ class Shards:
         return {n: i.shape for n, i in self.tensors.items()}
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor in its stored dtype, a read-only view of its file's mapping (it keeps the mapping
+        open as long as it lives)."""
         info = self.tensors[name]
-        handle = self._open.get(info.file)
-        if handle is None:
-            handle = self._open[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(name)
+        count = 1
+        for d in info.shape:
+            count *= d
+        if count == 0:
+            return torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        mapped = self._maps.get(info.file)
+        if mapped is None:
+            with open(info.file, "rb") as f:
+                mapped = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():  # (the mapping is read-only, and nothing writes to these tensors)
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(mapped, dtype=DTYPES[info.dtype], count=count, offset=info.offset).view(info.shape)
 
     def close(self) -> None:
-        self._open.clear()
+        """Drops this object's mappings; tensors still viewing one keep it until they go."""
+        self._maps.clear()
