@@ -5,7 +5,8 @@ answers, the held-out combinations and the automatic judge. The tiny model is tr
 
 Serve protocol (one JSON object per line each way; a failure answers {"error": "..."}):
     {"op": "prompts", "n": N, "seed": S, "kinds"?: [...], "unseen"?: bool|null}
-        -> {"prompts": [{"caption", "kind", "unseen"}]}       fresh random captions
+        -> {"prompts": [{"caption", "kind", "unseen", "relation"}]}   fresh random captions; a pair is
+           phrased with each of the four relations equally often ("relation": the phrasing; null unless a pair)
     {"op": "scenes", "n": N, "seed": S}
         -> {"scenes": [{"caption", "kind", "unseen", "pixels": base64 HWC uint8, "qa": [[q, a], ...]}]}
     {"op": "judge", "caption": C, "pixels": base64 HWC uint8 (64 x 64)}
@@ -58,7 +59,7 @@ class Scene:
     kind: str
     background: str
     objects: List[Obj]
-    caption: str  # the caption the scene was made from (canonical form)
+    caption: str  # the caption the scene was made from (canonical form, unless sampled with phrased=True)
     size: str = ""  # single: small / large
     position: str = ""  # single
     relation: str = ""  # pair: relation of objects[0] to objects[1]
@@ -165,9 +166,12 @@ def sample_single(rng: np.random.Generator, unseen: Optional[bool] = False) -> S
     return s
 
 
-def sample_pair(rng: np.random.Generator, unseen: Optional[bool] = False) -> Scene:
+def sample_pair(rng: np.random.Generator, unseen: Optional[bool] = False, phrased: bool = False) -> Scene:
     """Two shapes, 8 px or more apart along the relation's axis and offset less along the other axis, so
-    that the relation is the scene's one natural description."""
+    that the relation is the scene's one natural description. The relation is drawn uniformly from the
+    four; the caption is its canonical form (`to the left of` / `above`), or with phrased=True the pair as
+    drawn, "objects[0] relation objects[1]", so that each of the four phrasings comes a quarter of the
+    time (the eval's prompts). Both draw the same numbers: the same rng gives the same scene either way."""
     while True:
         if unseen:  # at least one held-out object, first or second
             a, b = _object_kind(rng, None), _object_kind(rng, True)
@@ -191,7 +195,8 @@ def sample_pair(rng: np.random.Generator, unseen: Optional[bool] = False) -> Sce
         if _fits(oa) and _fits(ob):
             break
     bg = list(BACKGROUNDS)[rng.integers(3)]
-    s = Scene("pair", bg, [oa, ob], canonical(pair_caption(a, relation, b, bg)), relation=relation)
+    caption = pair_caption(a, relation, b, bg)
+    s = Scene("pair", bg, [oa, ob], caption if phrased else canonical(caption), relation=relation)
     s.qa = [("what color is the background?", bg)]
     if a[1] != b[1]:
         s.qa += [(f"what color is the {a[1]}?", a[0]), (f"what color is the {b[1]}?", b[0])]
@@ -217,10 +222,13 @@ def sample_count(rng: np.random.Generator, unseen: Optional[bool] = False) -> Sc
 SAMPLERS = {"single": sample_single, "pair": sample_pair, "count": sample_count}
 
 
-def sample_scene(rng: np.random.Generator, kind: Optional[str] = None, unseen: Optional[bool] = False) -> Scene:
+def sample_scene(rng: np.random.Generator, kind: Optional[str] = None, unseen: Optional[bool] = False,
+                 phrased: bool = False) -> Scene:
     """A random scene. unseen False: training scenes (no held-out combination); True: at least one held-out
-    object; None: either."""
+    object; None: either. phrased: a pair's caption in any of the four phrasings (sample_pair)."""
     kind = kind or KINDS[rng.integers(len(KINDS))]
+    if kind == "pair":
+        return sample_pair(rng, unseen, phrased)
     return SAMPLERS[kind](rng, unseen)
 
 
@@ -374,12 +382,15 @@ def _pixels(b64: str) -> np.ndarray:
 
 
 def _prompts(n: int, seed: int, kinds: Optional[List[str]], unseen: Optional[bool]) -> List[dict]:
+    """Generation prompts: the captions of fresh scenes, a pair phrased with any of the four relations
+    (a quarter each), not only the canonical two."""
     rng = np.random.default_rng(seed)
     kinds = kinds or list(KINDS)
     out = []
     for i in range(n):
-        s = sample_scene(rng, kinds[i % len(kinds)], unseen)
-        out.append({"caption": s.caption, "kind": s.kind, "unseen": s.unseen})
+        s = sample_scene(rng, kinds[i % len(kinds)], unseen, phrased=True)
+        out.append({"caption": s.caption, "kind": s.kind, "unseen": s.unseen,
+                    "relation": s.relation if s.kind == "pair" else None})
     return out
 
 

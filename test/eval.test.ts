@@ -6,7 +6,7 @@ import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node
 import os from 'node:os';
 import path from 'node:path';
 import t from 'tap';
-import { evalMarkdown, kinds, questionType, questionTypes, rgbPixels, runEval, ShapesWorld, type EvalReport, type Tally } from '../ts/eval';
+import { evalMarkdown, kinds, questionType, questionTypes, relations, rgbPixels, runEval, ShapesWorld, type EvalReport, type Tally } from '../ts/eval';
 import { encodeImage } from '../ts/image';
 import { InvalidArgumentError } from '../ts/index';
 import { cli, ensureCompiled, root, skipWithoutRuntime, skipWithoutWorld } from './fixtures/runtime';
@@ -75,6 +75,39 @@ t.test('the world server: renders pass its judge through the eval\'s pixel path'
   t.equal(prompts.length, 4);
   t.ok(prompts.every((p) => p.unseen), 'unseen prompts hold a held-out combination');
 
+  // Pair prompts in all four phrasings, about a quarter each; the others as before; seeded.
+  const many = await world.prompts(600, 100_000, false);
+  t.same(await world.prompts(600, 100_000, false), many, 'the same seed gives the same prompts');
+  t.same(many.map((p) => p.kind), Array.from({ length: 600 }, (_, i) => kinds[i % 3]), 'cycling single, pair, count');
+  const pairs = many.filter((p) => p.kind === 'pair');
+  t.ok(many.every((p) => (p.kind === 'pair') === (p.relation !== null)), 'a relation for pairs only');
+  for (const relation of relations) {
+    const phrased = pairs.filter((p) => p.relation === relation);
+    t.ok(phrased.length >= 35 && phrased.length <= 65, `${relation}: ${phrased.length} of 200 pair prompts (50 expected)`);
+    t.ok(phrased.every((p) => new RegExp(`^a \\w+ \\w+ ${relation} a \\w+ \\w+ on a \\w+ background$`).test(p.caption)), `${relation}: phrased so`);
+  }
+  const flipped = pairs.find((p) => p.relation === 'to the right of')!;
+  const canonical = (await world.canonical(flipped.caption))!;
+  t.match(canonical, / to the left of /, 'its canonical form is the other phrasing');
+
+  // The judge takes a prompt as phrased: a render of the scene passes in both phrasings, not reversed.
+  const scene = scenes[1];
+  const pixels = await rgbPixels(await encodeImage(Buffer.from(scene.pixels, 'base64'), 64, 64, 'png'));
+  const [, a, relation, b, background] = /^(a \w+ \w+) (to the left of|above) (a \w+ \w+) (on a \w+ background)$/.exec(scene.caption)!;
+  const inverse = relation === 'above' ? 'below' : 'to the right of';
+  t.ok((await world.judge(`${b} ${inverse} ${a} ${background}`, pixels)).pass, 'the other phrasing passes');
+  t.notOk((await world.judge(`${a} ${inverse} ${b} ${background}`, pixels)).pass, 'the reversed relation fails');
+
+  // Caption match: a pair in either true phrasing; anything else exactly.
+  t.ok(await world.captionMatches(scene.caption, scene.caption, 'pair'));
+  t.ok(await world.captionMatches(`${b} ${inverse} ${a} ${background}`, scene.caption, 'pair'), 'the other phrasing of a pair');
+  t.notOk(await world.captionMatches(`${a} ${inverse} ${b} ${background}`, scene.caption, 'pair'), 'not the reversed relation');
+  t.notOk(await world.captionMatches(`${b} ${relation} ${a} ${background}`, scene.caption, 'pair'), 'not the objects swapped');
+  t.notOk(await world.captionMatches(`${scene.caption} `, scene.caption, 'pair'), 'not a caption of the grammar');
+  t.notOk(await world.captionMatches('', scene.caption, 'pair'));
+  t.ok(await world.captionMatches(scenes[0].caption, scenes[0].caption, 'single'));
+  t.notOk(await world.captionMatches(scenes[0].caption.replace(' on a ', ' on  a '), scenes[0].caption, 'single'));
+
   t.equal(await world.canonical(''), null, 'an empty answer is not a caption');
   t.equal(await world.canonical('zzz ### a red'), null, 'garbage is not a caption');
   t.equal(
@@ -110,6 +143,8 @@ t.test('runEval with tiny counts', { skip }, async (t) => {
   t.equal(md, evalMarkdown(report), 'the Markdown file');
   t.match(md, /\| kind \| seen \| unseen \| caption exact match \| round trip \|/);
   t.match(md, /\| question \| accuracy \|/);
+  t.match(md, /\| pair prompt phrased \| seen \| unseen \| round trip \|/);
+  for (const relation of relations) t.match(md, new RegExp(`\\n\\| ${relation} \\| `), `a row for ${relation}`);
 
   t.equal(report.settings.bundle, JSON.parse(readFileSync(path.join(root, 'models', 'tiny', 'manifest.json'), 'utf8')).name);
   t.match(report.settings, { prompts: 3, unseen: 1, scenes: 3, seed: 5, device: 'cpu', seeds: { prompts: 5, unseen: 6, scenes: 7, images: 5 } });
@@ -121,6 +156,16 @@ t.test('runEval with tiny counts', { skip }, async (t) => {
     t.same(Object.keys(table).sort(), [...kinds, 'overall'].sort(), 'a row per kind and overall');
     t.ok(Object.values(table).every(isTally), 'tallies with accuracies in [0, 1]');
   }
+  const byRelation = [report.generation.relations.seen, report.generation.relations.unseen, report.roundTrip.relations];
+  for (const table of byRelation) {
+    t.same(Object.keys(table).sort(), [...relations, 'overall'].sort(), 'a row per relation phrasing and overall');
+    t.ok(Object.values(table).every(isTally), 'tallies with accuracies in [0, 1]');
+    const sum = (key: 'passed' | 'total') => relations.reduce((n, r) => n + table[r][key], 0);
+    t.same([sum('passed'), sum('total')], [table.overall.passed, table.overall.total], 'the phrasings add up to overall');
+  }
+  t.same(report.generation.relations.seen.overall, report.generation.seen.pair, 'seen: overall is the pair row');
+  t.same(report.generation.relations.unseen.overall, report.generation.unseen.pair, 'unseen: overall is the pair row');
+  t.same(report.roundTrip.relations.overall, report.roundTrip.matches.pair, 'round trip: overall is the pair row');
   t.equal(report.generation.seen.overall.total, 3, 'one image per seen prompt');
   for (const kind of kinds) t.equal(report.generation.seen[kind].total, 1, `seen ${kind}`);
   t.equal(report.generation.unseen.overall.total, 1, 'one image per unseen prompt');

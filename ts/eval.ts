@@ -1,8 +1,9 @@
 // The evaluation behind `blip3o eval`: the runtime over fresh random scenes of the shapes world
 // (shared/SHAPES.md, implemented by models/shapes.py), driven through the public API and judged by the world's own Python module
 // (models/shapes.py --serve). Generation: judge accuracy per kind, seen and held-out combinations
-// apart (GenEval's per-task table). Understanding: exact captions and answers to the world's
-// questions. Round trip: describe(generate(prompt)) against the prompt, in canonical form.
+// apart (GenEval's per-task table), and for pairs per relation phrasing (pair prompts use the four
+// phrasings equally often). Understanding: exact captions (a pair: either true phrasing) and answers to
+// the world's questions. Round trip: describe(generate(prompt)) against the prompt, in canonical form.
 
 import { performance } from 'node:perf_hooks';
 import { mkdir } from 'node:fs/promises';
@@ -18,6 +19,10 @@ import { PythonAnswerError, PythonServer } from './python-server';
 
 export type Kind = 'single' | 'pair' | 'count';
 export const kinds: readonly Kind[] = ['single', 'pair', 'count'];
+
+/** The pair relations of the grammar, as a pair prompt is phrased (SHAPES.md, "Caption grammar"). */
+export type Relation = 'to the left of' | 'to the right of' | 'above' | 'below';
+export const relations: readonly Relation[] = ['to the left of', 'to the right of', 'above', 'below'];
 
 /** The world's questions, told apart by their text (SHAPES.md, "Questions and answers"). */
 export type QuestionType = 'background' | 'shape' | 'color' | 'position' | 'size' | 'count' | 'other';
@@ -67,6 +72,8 @@ export interface Tally {
 }
 
 export type KindTable = Record<Kind | 'overall', Tally>;
+/** Pair prompts by the relation they are phrased with; overall = the pair row of the kind table. */
+export type RelationTable = Record<Relation | 'overall', Tally>;
 export type QuestionTable = Record<QuestionType | 'overall', Tally>;
 
 export interface GenerationFailure {
@@ -129,21 +136,35 @@ export interface EvalReport {
     defaultQuestion: string;
   };
   counts: { images: number; scenes: number; questions: number; roundTrips: number };
-  generation: { seen: KindTable; unseen: KindTable; judgeErrors: number; failures: GenerationFailure[] };
+  generation: {
+    seen: KindTable;
+    unseen: KindTable;
+    /** Pair prompts by relation phrasing, seen and unseen apart. */
+    relations: { seen: RelationTable; unseen: RelationTable };
+    judgeErrors: number;
+    failures: GenerationFailure[];
+  };
+  /** captions: describe() of a scene equals its caption (a pair: either true phrasing of it). */
   understanding: { captions: KindTable; questions: QuestionTable; failures: UnderstandingFailure[] };
-  roundTrip: { matches: KindTable; notInGrammar: number; failures: RoundTripFailure[] };
+  /** relations: the round trips of seen pair prompts by relation phrasing. */
+  roundTrip: { matches: KindTable; relations: RelationTable; notInGrammar: number; failures: RoundTripFailure[] };
   wallMs: number;
   phaseMs: { load: number; generation: number; understanding: number; roundTrip: number };
   files: { json: string; markdown: string };
 }
 
-interface WorldPrompt {
+interface WorldItem {
   caption: string;
   kind: Kind;
   unseen: boolean;
 }
 
-interface WorldScene extends WorldPrompt {
+export interface WorldPrompt extends WorldItem {
+  /** A pair prompt's relation as phrased (any of the four); null for the other kinds. */
+  relation: Relation | null;
+}
+
+interface WorldScene extends WorldItem {
   pixels: string;
   qa: [string, string][];
 }
@@ -248,6 +269,14 @@ function kindOf(value: unknown): Kind {
   throw new Error(`the shapes world server answered an unknown kind ${JSON.stringify(value)}`);
 }
 
+function relationOf(kind: Kind, value: unknown, caption: string): Relation | null {
+  if (kind !== 'pair' && (value === null || value === undefined)) return null;
+  if (kind === 'pair' && typeof value === 'string' && (relations as readonly string[]).includes(value) && caption.includes(` ${value} a `)) {
+    return value as Relation;
+  }
+  throw new Error(`the shapes world server answered the relation ${JSON.stringify(value)} for the ${kind} prompt ${JSON.stringify(caption)}`);
+}
+
 /** The world's server (models/shapes.py --serve): prompts, scenes, the judge and canonical captions (cached). */
 export class ShapesWorld {
   private readonly canonicalCache = new Map<string, string | null>();
@@ -258,10 +287,15 @@ export class ShapesWorld {
     return new ShapesWorld(PythonServer.start('models.shapes', 'the shapes world server'));
   }
 
+  /** Prompts cycling single, pair, count; a pair phrased with each of the four relations equally often. */
   async prompts(n: number, seed: number, unseen: boolean): Promise<WorldPrompt[]> {
     const res = await this.server.request<{ prompts: WorldPrompt[] }>({ op: 'prompts', n, seed, kinds: [...kinds], unseen });
     if (!Array.isArray(res.prompts) || res.prompts.length !== n) throw new Error(`the shapes world server answered ${res.prompts?.length} prompts, expected ${n}`);
-    return res.prompts.map((p) => ({ caption: String(p.caption), kind: kindOf(p.kind), unseen: p.unseen === true }));
+    return res.prompts.map((p) => {
+      const caption = String(p.caption);
+      const kind = kindOf(p.kind);
+      return { caption, kind, unseen: p.unseen === true, relation: relationOf(kind, p.relation, caption) };
+    });
   }
 
   async scenes(n: number, seed: number): Promise<WorldScene[]> {
@@ -295,6 +329,17 @@ export class ShapesWorld {
     }
     this.canonicalCache.set(caption, value);
     return value;
+  }
+
+  /**
+   * Whether describe()'s answer is a scene's caption: the same text, or for a pair the other true
+   * phrasing of it (`B to the right of A` for `A to the left of B`): the same canonical form.
+   */
+  async captionMatches(answer: string, caption: string, kind: Kind): Promise<boolean> {
+    if (answer === caption) return true;
+    if (kind !== 'pair') return false;
+    const want = await this.canonical(caption);
+    return want !== null && (await this.canonical(answer)) === want;
   }
 
   close(): Promise<void> {
@@ -358,6 +403,8 @@ export async function runEval(options: EvalOptions = {}): Promise<EvalReport> {
     const batch = defaultMaxBatch;
     const seenTable = new Counter(kinds);
     const unseenTable = new Counter(kinds);
+    const seenRelations = new Counter(relations);
+    const unseenRelations = new Counter(relations);
     const generationFailures: GenerationFailure[] = [];
     const seenImages: Buffer[] = [];
     let judgeErrors = 0;
@@ -377,6 +424,7 @@ export async function runEval(options: EvalOptions = {}): Promise<EvalReport> {
         const verdict = await world.judge(prompt.caption, await rgbPixels(result.image));
         if (verdict.error) judgeErrors += 1;
         (isUnseen ? unseenTable : seenTable).add(prompt.kind, verdict.pass);
+        if (prompt.relation !== null) (isUnseen ? unseenRelations : seenRelations).add(prompt.relation, verdict.pass);
         if (!verdict.pass && failuresOf[isUnseen ? 1 : 0]++ < maxExamples) {
           generationFailures.push({ caption: prompt.caption, kind: prompt.kind, unseen: isUnseen, seed: result.seed, why: verdict.why });
         }
@@ -402,7 +450,7 @@ export async function runEval(options: EvalOptions = {}): Promise<EvalReport> {
       }
       const png = await encodeImage(pixels, worldSize, worldSize, 'png');
       const caption = (await model.describe(png, { signal })).trim();
-      const captionOk = caption === scene.caption;
+      const captionOk = await world.captionMatches(caption, scene.caption, scene.kind);
       captions.add(scene.kind, captionOk);
       if (!captionOk && captionFailures++ < maxExamples) {
         understandingFailures.push({ caption: scene.caption, question: null, expected: scene.caption, answer: clip(caption) });
@@ -423,6 +471,7 @@ export async function runEval(options: EvalOptions = {}): Promise<EvalReport> {
     // Round trip: describe each seen generated image; its canonical caption against the prompt's.
     const roundTripStarted = performance.now();
     const matches = new Counter(kinds);
+    const roundTripRelations = new Counter(relations);
     const roundTripFailures: RoundTripFailure[] = [];
     let notInGrammar = 0;
     const tripped = progress(log, 'round trip', seenImages.length);
@@ -433,6 +482,7 @@ export async function runEval(options: EvalOptions = {}): Promise<EvalReport> {
       if (got === null) notInGrammar += 1;
       const ok = got !== null && got === want;
       matches.add(prompt.kind, ok);
+      if (prompt.relation !== null) roundTripRelations.add(prompt.relation, ok);
       if (!ok && roundTripFailures.length < maxExamples) {
         roundTripFailures.push({ prompt: prompt.caption, seed: seeds.images + index, answer: clip(answer), canonical: got });
       }
@@ -467,9 +517,15 @@ export async function runEval(options: EvalOptions = {}): Promise<EvalReport> {
         defaultQuestion: model.manifest.templates.defaultQuestion,
       },
       counts: { images: all.length, scenes: scenes.length, questions: questionCount, roundTrips: seenImages.length },
-      generation: { seen: seenTable.table(), unseen: unseenTable.table(), judgeErrors, failures: generationFailures },
+      generation: {
+        seen: seenTable.table(),
+        unseen: unseenTable.table(),
+        relations: { seen: seenRelations.table(), unseen: unseenRelations.table() },
+        judgeErrors,
+        failures: generationFailures,
+      },
       understanding: { captions: captions.table(), questions: questions.table(), failures: understandingFailures },
-      roundTrip: { matches: matches.table(), notInGrammar, failures: roundTripFailures },
+      roundTrip: { matches: matches.table(), relations: roundTripRelations.table(), notInGrammar, failures: roundTripFailures },
       wallMs: performance.now() - started,
       phaseMs: { load: loadMs, generation: generationMs, understanding: understandingMs, roundTrip: roundTripMs },
       files: { json: `${base}.json`, markdown: `${base}.md` },
@@ -495,7 +551,7 @@ function seconds(ms: number): string {
   return `${(ms / 1000).toFixed(1)} s`;
 }
 
-/** The report as Markdown: settings, then the generation, understanding and question tables. */
+/** The report as Markdown: settings, then the per-kind, per-relation-phrasing and question tables. */
 export function evalMarkdown(r: EvalReport): string {
   const s = r.settings;
   const g = r.generation;
@@ -513,12 +569,19 @@ export function evalMarkdown(r: EvalReport): string {
     '|---|---:|---:|---:|---:|',
     ...rows.map((k) => `| ${k} | ${cell(g.seen[k])} | ${cell(g.unseen[k])} | ${cell(u.captions[k])} | ${cell(r.roundTrip.matches[k])} |`),
     '',
+    '| pair prompt phrased | seen | unseen | round trip |',
+    '|---|---:|---:|---:|',
+    ...[...relations, 'overall' as const].map(
+      (k) => `| ${k} | ${cell(g.relations.seen[k])} | ${cell(g.relations.unseen[k])} | ${cell(r.roundTrip.relations[k])} |`,
+    ),
+    '',
     '| question | accuracy |',
     '|---|---:|',
     ...[...questionTypes, 'overall' as const].filter((q) => q !== 'other' || u.questions[q].total > 0).map((q) => `| ${q} | ${cell(u.questions[q])} |`),
     '',
-    'Seen / unseen: judge accuracy of generated images (unseen: a held-out combination, purple triangle or orange circle). ' +
-      'Caption exact match: describe() of a rendered scene equals its caption. Round trip: describe() of a seen generated image, ' +
+    'Seen / unseen: judge accuracy of generated images (unseen: a held-out combination, purple triangle or orange circle); ' +
+      'pair prompts are phrased with each of the four relations equally often, the pair table splits them by phrasing. ' +
+      'Caption exact match: describe() of a rendered scene equals its caption (a pair: either true phrasing). Round trip: describe() of a seen generated image, ' +
       'in canonical form, equals the prompt in canonical form ' +
       `(${r.roundTrip.notInGrammar} of ${r.counts.roundTrips} answers were not captions of the grammar). Judge errors: ${g.judgeErrors}.`,
   ];

@@ -4,6 +4,7 @@ import base64
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,83 @@ def test_feature_targets_mark_each_objects_cells():
     assert (t["color"][t["has"]] == data.COLOR_IDS["red"]).all() and (t["color"][~t["has"]] == 0).all()
     assert np.allclose(t["box"][3, 2], np.array([12, 20, 28, 36]) / 64)
     assert t["quad"][3, 2].tolist() == [1, 1, 1, 1] and t["quad"][2, 1].tolist() == [0, 0, 0, 1]
+
+
+def test_phrased_pairs_are_the_same_scenes_in_any_of_the_four_phrasings():
+    # The training recipe samples with the default (canonical captions); phrased=True (the eval's prompts)
+    # draws the same numbers and the same scene, and only says it as drawn.
+    for seed in range(40):
+        r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
+        for unseen in (False, True, None):
+            canon, phrased = shapes.sample_pair(r1, unseen), shapes.sample_pair(r2, unseen, phrased=True)
+            assert canon.objects == phrased.objects and canon.background == phrased.background
+            assert canon.relation == phrased.relation and canon.qa == phrased.qa
+            assert shapes.parse(canon.caption)["relation"] in ("to the left of", "above")
+            assert shapes.parse(phrased.caption)["relation"] == phrased.relation
+            assert shapes.canonical(phrased.caption) == canon.caption
+        assert r1.bit_generator.state == r2.bit_generator.state
+
+
+def test_eval_prompts_phrase_pairs_uniformly_over_the_four_relations():
+    prompts = shapes._prompts(800, 100000, ["pair"], False)
+    assert prompts == shapes._prompts(800, 100000, ["pair"], False), "seeded"
+    counts = Counter(p["relation"] for p in prompts)
+    assert set(counts) == set(shapes.RELATIONS)
+    assert all(150 <= c <= 250 for c in counts.values()), counts  # 200 each expected, sd about 12
+    for p in prompts:
+        assert shapes.parse(p["caption"])["relation"] == p["relation"]
+    mixed = shapes._prompts(9, 3, None, None)
+    assert [p["kind"] for p in mixed] == list(shapes.KINDS) * 3
+    assert all((p["relation"] is None) == (p["kind"] != "pair") for p in mixed)
+    # single and count prompts are those of the canonical sampler
+    rng = np.random.default_rng(3)
+    expected = [shapes.sample_scene(rng, k, None) for k in shapes.KINDS * 3]
+    assert [p["caption"] for p in mixed if p["kind"] != "pair"] == [s.caption for s in expected if s.kind != "pair"]
+    assert [shapes.canonical(p["caption"]) for p in mixed if p["kind"] == "pair"] == \
+        [s.caption for s in expected if s.kind == "pair"]
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_renders_pass_the_judge_in_every_phrasing(antialias):
+    rng = np.random.default_rng(16)
+    seen = Counter()
+    for _ in range(80):
+        s = shapes.sample_pair(rng, None, phrased=True)
+        seen[s.relation] += 1
+        r = shapes.judge(s.caption, shapes.render(s, antialias=antialias))
+        assert r["pass"], (s.caption, r["why"])
+    assert set(seen) == set(shapes.RELATIONS)
+
+
+def test_judge_reads_a_pair_as_phrased():
+    # a red square on the left, a blue circle on the right and a little lower (not above it)
+    side = shapes.Scene("pair", "black", [shapes.Obj("red", "square", 16, 14.0, 30.0),
+                                          shapes.Obj("blue", "circle", 16, 48.0, 34.0)], "")
+    img = shapes.render(side)
+    ok = ["a red square to the left of a blue circle on a black background",
+          "a blue circle to the right of a red square on a black background"]
+    wrong = ["a red square to the right of a blue circle on a black background",
+             "a blue circle to the left of a red square on a black background",
+             "a blue circle above a red square on a black background",
+             "a red square below a blue circle on a black background"]
+    for c in ok:
+        assert shapes.judge(c, img)["pass"], c
+    for c in wrong:
+        r = shapes.judge(c, img)
+        assert not r["pass"] and r["why"] == "objects or relation", c
+    # a green triangle on top, a yellow square below it (same column)
+    stack = shapes.Scene("pair", "white", [shapes.Obj("green", "triangle", 18, 32.0, 14.0),
+                                           shapes.Obj("yellow", "square", 18, 32.0, 48.0)], "")
+    img = shapes.render(stack)
+    assert shapes.judge("a yellow square below a green triangle on a white background", img)["pass"]
+    assert shapes.judge("a green triangle above a yellow square on a white background", img)["pass"]
+    assert not shapes.judge("a green triangle below a yellow square on a white background", img)["pass"]
+    assert not shapes.judge("a yellow square above a green triangle on a white background", img)["pass"]
+
+
+def test_canonical_maps_both_phrasings_of_a_pair_to_one_caption():
+    for a, b in ((("red", "circle"), ("blue", "square")), (("green", "circle"), ("green", "circle"))):
+        for rel, inv in (("to the left of", "to the right of"), ("above", "below")):
+            one = shapes.pair_caption(a, rel, b, "gray")
+            other = shapes.pair_caption(b, inv, a, "gray")
+            assert shapes.canonical(one) == shapes.canonical(other) == one
