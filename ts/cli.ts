@@ -14,6 +14,7 @@ import { formatFromFileName, writeFileAtomic } from './image';
 import { importCheckpoint, importDtypes, type ImportDtype } from './import';
 import { loadModel, packageVersion, runtimeInfo, type Blip3oModel } from './model';
 import { packageRoot } from './native';
+import { createServer, validateServerOptions, type ServerOptions } from './server';
 import {
   deviceRequests,
   dtypeRequests,
@@ -37,6 +38,7 @@ Commands:
                             turn a released BLIP3-o checkpoint into a bundle
   bench                     benchmark the runtime against the Python reference
   eval                      evaluate the model on fresh scenes of the shapes world
+  serve                     serve an OpenAI-compatible HTTP API (images, chat)
   help [COMMAND]            show help for a command
 
 Options:
@@ -119,10 +121,11 @@ ${modelOptionsHelp}
 
 Evaluates the model on fresh random scenes of the shapes world (models/shapes.py) through the
 runtime. Generation: one image per prompt, --prompts captions of seen combinations (cycling single,
-pair, count) and --unseen captions with a held-out combination, at the bundle's default settings,
-scored by the world's judge (accuracy per kind, seen and unseen apart). Understanding: describes
---scenes rendered scenes (caption exact match per kind) and asks each its questions (accuracy per
-question type). Round trip: describes the seen generated images and compares their canonical
+pair, count; pairs phrased with each of the four relations equally often) and --unseen captions with
+a held-out combination, at the bundle's default settings, scored by the world's judge (accuracy per
+kind and per pair phrasing, seen and unseen apart). Understanding: describes --scenes rendered scenes
+(caption exact match per kind; a pair's caption matches in either true phrasing) and asks each its
+questions (accuracy per question type). Round trip: describes the seen generated images and compares their canonical
 captions with the prompts'. Prints a Markdown table and writes it with the JSON under --out
 (<date>_eval.md/.json); progress goes to stderr.
 
@@ -156,9 +159,33 @@ Options:
   --json                    print one JSON object: bundle, name, seconds, peakRssBytes,
                             checkpointBytes, bundleBytes
   -h, --help                show this help`,
+  serve: `Usage: blip3o serve [options]
+
+Serves the model over HTTP with the OpenAI API's shapes, so that OpenAI clients work unchanged:
+POST /v1/images/generations, POST /v1/chat/completions (an image and a question; stream: true
+for server-sent events), GET /v1/models; GET /health, GET /ready and GET /metrics (Prometheus).
+Prints "listening on http://HOST:PORT" when ready. SIGTERM or Ctrl-C stops accepting requests,
+lets those in flight finish (at most 30 s), frees the model and exits 0.
+
+Options:
+  --host HOST               interface to bind (default 127.0.0.1: this machine only)
+  --port N                  TCP port, 0 = any free port (default 8080)
+  --api-key KEY             require "Authorization: Bearer KEY" on every /v1 route
+                            (default: $BLIP3O_API_KEY; prefer it: arguments show in ps)
+  --max-batch N             most images of concurrent requests merged into one batch
+                            (default 8)
+  --max-queue N             most image requests waiting, and most chat requests waiting
+                            or running; past it: 429 with Retry-After (default 64)
+  --max-tokens N            largest max_tokens a chat request may ask for (default 512)
+  --max-image-pixels N      largest input image, width x height (default 4194304)
+  --body-limit BYTES        largest request body; past it: 413 (default 8388608)
+  --allow-remote-images     fetch http(s) image URLs in chat messages (default: only
+                            base64 data: URLs)
+${modelOptionsHelp}
+  -h, --help                show this help`,
   help: `Usage: blip3o help [COMMAND]
 
-Shows the help of COMMAND (generate, describe, info, import, bench, eval), or the list of commands.`,
+Shows the help of COMMAND (generate, describe, info, import, bench, eval, serve), or the list of commands.`,
 };
 
 type Options = NonNullable<ParseArgsConfig['options']>;
@@ -219,6 +246,23 @@ const commandOptions: Record<string, Options> = {
     seed: { type: 'string' },
     out: { type: 'string' },
   },
+  serve: {
+    model: { type: 'string' },
+    device: { type: 'string' },
+    dtype: { type: 'string' },
+    threads: { type: 'string' },
+    'no-cuda-graphs': { type: 'boolean' },
+    help: { type: 'boolean', short: 'h' },
+    host: { type: 'string' },
+    port: { type: 'string' },
+    'api-key': { type: 'string' },
+    'max-batch': { type: 'string' },
+    'max-queue': { type: 'string' },
+    'max-tokens': { type: 'string' },
+    'max-image-pixels': { type: 'string' },
+    'body-limit': { type: 'string' },
+    'allow-remote-images': { type: 'boolean' },
+  },
 };
 
 /** API option names as the CLI spells them, for error messages. */
@@ -244,6 +288,13 @@ const flagNames: Record<string, string> = {
   scenes: '--scenes',
   model: '--model',
   out: '--out',
+  maxBatch: '--max-batch',
+  maxQueue: '--max-queue',
+  port: '--port',
+  host: '--host',
+  apiKey: '--api-key',
+  bodyLimit: '--body-limit',
+  maxImagePixels: '--max-image-pixels',
 };
 
 type Values = Record<string, string | boolean | undefined>;
@@ -540,6 +591,47 @@ async function runEvalCommand(values: Values, positionals: string[], signal: Abo
   process.stdout.write(values.json === true ? `${JSON.stringify(report)}\n` : evalMarkdown(report));
 }
 
+async function runServe(values: Values, positionals: string[], signal: AbortSignal): Promise<void> {
+  if (positionals.length > 0) throw new UsageError(`serve takes no arguments, got ${JSON.stringify(positionals[0])}`);
+  const { dir, options } = loadOptionsOf(values);
+  const apiKey = stringOption(values, 'api-key') ?? process.env.BLIP3O_API_KEY;
+  if (apiKey !== undefined && apiKey.length === 0) throw new UsageError('the API key must not be empty (--api-key or BLIP3O_API_KEY)');
+  const serverOptions: ServerOptions = pruned({
+    host: stringOption(values, 'host'),
+    port: numberOption(values, 'port'),
+    apiKey,
+    maxQueue: numberOption(values, 'max-queue'),
+    maxTokens: numberOption(values, 'max-tokens'),
+    maxImagePixels: numberOption(values, 'max-image-pixels'),
+    bodyLimit: numberOption(values, 'body-limit'),
+    allowRemoteImages: values['allow-remote-images'] === true ? true : undefined,
+    onWarning: (message: string) => process.stderr.write(`blip3o: warning: ${message}\n`),
+    onError: (err: unknown) => process.stderr.write(`blip3o: error: ${oneLine(err instanceof Error ? err.message : String(err))}\n`),
+  });
+  const loadOptions = pruned({ ...options, maxBatch: numberOption(values, 'max-batch'), maxQueue: serverOptions.maxQueue });
+  try {
+    validateLoadOptions(loadOptions);
+    validateServerOptions(serverOptions);
+  } catch (err) {
+    throw withFlagNames(err);
+  }
+  // SIGTERM (or Ctrl-C: `signal`) stops the server; the first one is handled, a second one kills.
+  const stop = new Promise<void>((resolve) => {
+    process.once('SIGTERM', () => resolve());
+    signal.addEventListener('abort', () => resolve(), { once: true });
+  });
+  const model = await loadModel(dir, loadOptions);
+  try {
+    const server = createServer(model, serverOptions);
+    process.stdout.write(`listening on ${await server.listen()}\n`);
+    await stop;
+    process.stderr.write('blip3o: shutting down\n');
+    await server.close();
+  } finally {
+    await model.dispose();
+  }
+}
+
 const commands: Record<string, (values: Values, positionals: string[], signal: AbortSignal) => Promise<void>> = {
   generate: runGenerate,
   describe: runDescribe,
@@ -547,6 +639,7 @@ const commands: Record<string, (values: Values, positionals: string[], signal: A
   import: runImport,
   bench: runBenchCommand,
   eval: runEvalCommand,
+  serve: runServe,
 };
 
 /** `--cfg -1` as `--cfg=-1`: parseArgs would take "-1" for an option; the API then says what is wrong. */
@@ -581,13 +674,13 @@ async function main(argv: string[]): Promise<number> {
       process.stdout.write(`${mainHelp}\n`);
       return 0;
     }
-    if (commandHelp[topic] === undefined) throw new UsageError(`unknown command ${JSON.stringify(topic)} (commands: generate, describe, info, import, bench, eval, help)`);
+    if (commandHelp[topic] === undefined) throw new UsageError(`unknown command ${JSON.stringify(topic)} (commands: generate, describe, info, import, bench, eval, serve, help)`);
     process.stdout.write(`${commandHelp[topic]}\n`);
     return 0;
   }
   const run = commands[command];
   if (run === undefined) {
-    throw new UsageError(`unknown command ${JSON.stringify(command)} (commands: generate, describe, info, import, bench, eval, help; see blip3o --help)`);
+    throw new UsageError(`unknown command ${JSON.stringify(command)} (commands: generate, describe, info, import, bench, eval, serve, help; see blip3o --help)`);
   }
   const options = commandOptions[command];
   const { values, positionals } = parseArgs({ args: joinNegativeNumbers(rest, options), options, allowPositionals: true, strict: true });

@@ -26,6 +26,8 @@ export {
   InvalidArgumentError,
 } from './errors';
 export type { Blip3oErrorCode } from './errors';
+export { createServer, validateServerOptions } from './server';
+export type { Blip3oServer, ServerMetrics, ServerOptions } from './server';
 export { importCheckpoint, importDtypes } from './import';
 export type { ImportDtype, ImportOptions, ImportProgress, ImportResult } from './import';
 export { eulerDiscreteSchedule, flowMatchSigmas } from './schedules';

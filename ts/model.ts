@@ -309,18 +309,9 @@ export class Blip3oModel {
   describeDetailed(image: ImageInput, question?: string, options?: DescribeOptions): Promise<DescribeDetails>;
   describeDetailed(image: ImageInput, options?: DescribeOptions): Promise<DescribeDetails>;
   async describeDetailed(image: ImageInput, question?: string | DescribeOptions, options?: DescribeOptions): Promise<DescribeDetails> {
-    let text = '';
-    let stats: NativeDescribeResult | undefined;
-    for await (const piece of this.streamAnswer(image, question, options, 'describeDetailed', (r) => (stats = r))) text += piece;
-    const r = stats!;
-    return {
-      text,
-      promptTokens: r.promptTokens,
-      generatedTokens: r.tokens.length,
-      stopReason: r.stopReason,
-      prefillMs: r.prefillMs,
-      decodeMs: r.decodeMs,
-    };
+    let details: DescribeDetails | undefined;
+    for await (const _ of this.detailedStream(image, question, options, 'describeDetailed', (d) => (details = d)));
+    return details!;
   }
 
   /**
@@ -331,6 +322,43 @@ export class Blip3oModel {
   describeStream(image: ImageInput, options?: DescribeOptions): AsyncIterable<string>;
   describeStream(image: ImageInput, question?: string | DescribeOptions, options?: DescribeOptions): AsyncIterable<string> {
     return this.streamAnswer(image, question, options, 'describeStream');
+  }
+
+  /**
+   * Like describeStream; when the answer is complete, before the iteration ends, `onDetails` gets
+   * what describeDetailed resolves to (token counts, stop reason, times). Used by the HTTP server.
+   */
+  async *describeStreamDetailed(
+    image: ImageInput,
+    question: string | undefined,
+    options: DescribeOptions | undefined,
+    onDetails: (details: DescribeDetails) => void,
+  ): AsyncGenerator<string, void, undefined> {
+    yield* this.detailedStream(image, question, options, 'describeStreamDetailed', onDetails);
+  }
+
+  private async *detailedStream(
+    image: ImageInput,
+    question: string | DescribeOptions | undefined,
+    options: DescribeOptions | undefined,
+    method: string,
+    onDetails: (details: DescribeDetails) => void,
+  ): AsyncGenerator<string, void, undefined> {
+    let text = '';
+    let stats: NativeDescribeResult | undefined;
+    for await (const piece of this.streamAnswer(image, question, options, method, (r) => (stats = r))) {
+      text += piece;
+      yield piece;
+    }
+    const r = stats!;
+    onDetails({
+      text,
+      promptTokens: r.promptTokens,
+      generatedTokens: r.tokens.length,
+      stopReason: r.stopReason,
+      prefillMs: r.prefillMs,
+      decodeMs: r.decodeMs,
+    });
   }
 
   private async *streamAnswer(
