@@ -812,8 +812,11 @@ DescribeResult Model::describe(const DescribeRequest& req, const JobHooks& hooks
   torch::Tensor logits;
   if (m.mrope) {
     const int64_t unit = mf.vision.patch * mf.vision.merge;
-    torch::Tensor positions = torch::arange(L, ids.options()).expand({3, L});
-    if (!req.pixels.empty()) std::tie(positions, delta) = m.ropePositions(req.ids, req.height / unit, req.width / unit);
+    torch::Tensor positions;
+    if (req.pixels.empty())
+      positions = torch::arange(L, ids.options()).expand({3, L});
+    else
+      std::tie(positions, delta) = m.ropePositions(req.ids, req.height / unit, req.width / unit);
     logits = m.backbone.run_method("prefill_mrope", embeds, positions, cache).toTensor();
   } else {
     logits = m.backbone.run_method("prefill", embeds, cache).toTensor();
